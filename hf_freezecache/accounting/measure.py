@@ -1,0 +1,108 @@
+"""Measures what one training step of a model costs in its current freeze state: FLOPs and memory."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class StepCost:
+    """Cost of one training step (forward + backward) in one freeze state.
+
+    Bytes are those training holds: the model (parameters and buffers), gradients of trainable parameters,
+    optimizer state, and the tensors autograd saves for backward at the measured batch size.
+    """
+
+    flops_per_sample: float
+    forward_flops_per_sample: float
+    model_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    batch_size: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.model_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "memory_bytes": self.memory_bytes}
+
+
+def _unique_tensors(tensors) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of tensors held in `optimizer.state` (momentum buffers, Adam moments, step counters)."""
+    if optimizer is None:
+        return 0
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def measure_step_cost(
+    model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> StepCost:
+    """Runs one real forward+backward of `model` on `batch` and measures it, without touching `model`.
+
+    FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; the bytes saved for backward are counted with
+    saved-tensor hooks (each storage once, parameters and buffers excluded since they are counted as the model).
+    The step runs on a deep copy under a forked RNG, so the model's weights, gradients, BatchNorm statistics and the
+    random stream of training are exactly as they were.
+
+    Args:
+        model (`nn.Module`): A model with the `Trainer` calling convention (`model(**batch).loss`), in the freeze
+            state to measure.
+        batch (`dict[str, torch.Tensor]`): A training batch, on the model's device; its first dimension is the
+            batch size.
+        optimizer (`torch.optim.Optimizer`, *optional*): The live optimizer, whose state bytes are read as they are.
+    """
+    batch_size = int(next(iter(batch.values())).shape[0])
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        replica = copy.deepcopy(model)
+        replica.train()
+        model_storages = {
+            t.untyped_storage().data_ptr() for t in [*replica.parameters(), *replica.buffers()] if t.numel()
+        }
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in model_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with FlopCounterMode(display=False) as forward_counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss = replica(**batch).loss
+        forward_flops = forward_counter.get_total_flops()
+        with FlopCounterMode(display=False) as backward_counter:
+            if loss.requires_grad:
+                loss.backward()
+        total_flops = forward_flops + backward_counter.get_total_flops()
+
+    params = _unique_tensors(model.parameters())
+    return StepCost(
+        flops_per_sample=total_flops / batch_size,
+        forward_flops_per_sample=forward_flops / batch_size,
+        model_bytes=sum(t.numel() * t.element_size() for t in [*params, *_unique_tensors(model.buffers())]),
+        gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+        optimizer_bytes=optimizer_state_bytes(optimizer),
+        activation_bytes=sum(saved.values()),
+        batch_size=batch_size,
+    )

@@ -1,0 +1,161 @@
+"""The cost report: per freeze state and in total, as in the paper's Appendix A.1."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class FreezeStateRecord:
+    """One freeze state of a run: which blocks were frozen, what a step cost, and how much training it saw.
+
+    Args:
+        frozen_blocks (`list[int]`): Frozen block indices.
+        frozen_prefix (`int`): Length of the contiguous frozen run from block 0.
+        trainable_parameters (`int`): Parameters that still trained.
+        start_step (`int`): Global step at which the state began.
+        start_epoch (`float`): Epoch at which the state began.
+        end_step, end_epoch: Where it ended (updated while it lasts).
+        wall_time_s (`float`): Training time spent in the state (evaluation and checkpointing excluded).
+        cost (`dict`): `StepCost.to_dict()` measured at the state's first step, or None when measuring is off.
+        peak_cuda_bytes (`int`, *optional*): `torch.cuda.max_memory_allocated` over the state, on GPU.
+    """
+
+    frozen_blocks: list[int]
+    frozen_prefix: int
+    trainable_parameters: int
+    start_step: int
+    start_epoch: float
+    end_step: int = 0
+    end_epoch: float = 0.0
+    wall_time_s: float = 0.0
+    cost: dict[str, Any] | None = None
+    peak_cuda_bytes: int | None = None
+
+    @property
+    def epochs(self) -> float:
+        return max(self.end_epoch - self.start_epoch, 0.0)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        if self.peak_cuda_bytes is not None:
+            return self.peak_cuda_bytes
+        return self.cost["memory_bytes"] if self.cost else None
+
+
+@dataclass
+class CostReport:
+    """Costs of a whole run. Totals follow the paper's Appendix A.1:
+
+    - training FLOPs = sum over states of (FLOPs per sample x samples per epoch x epochs in the state);
+    - average memory = mean of the states' memory weighted by their epochs;
+    - minimum memory = memory of the final state.
+
+    Args:
+        model (`str`): Model class and family.
+        policy (`str`): The policy's description.
+        num_blocks (`int`): Freezable blocks of the model.
+        train_samples (`int`): Samples per epoch.
+        device (`str`): Where training ran.
+        states (`list[FreezeStateRecord]`): In order.
+    """
+
+    model: str
+    policy: str
+    num_blocks: int
+    train_samples: int
+    device: str
+    states: list[FreezeStateRecord] = field(default_factory=list)
+
+    @property
+    def total_training_flops(self) -> float | None:
+        if any(s.cost is None for s in self.states):
+            return None
+        return sum(s.cost["flops_per_sample"] * self.train_samples * s.epochs for s in self.states)
+
+    @property
+    def average_memory_bytes(self) -> float | None:
+        weighted = [(s.memory_bytes, s.epochs) for s in self.states if s.epochs > 0]
+        if not weighted or any(m is None for m, _ in weighted):
+            return None
+        return sum(m * e for m, e in weighted) / sum(e for _, e in weighted)
+
+    @property
+    def minimum_memory_bytes(self) -> int | None:
+        return self.states[-1].memory_bytes if self.states else None
+
+    @property
+    def wall_time_s(self) -> float:
+        return sum(s.wall_time_s for s in self.states)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "policy": self.policy,
+            "num_blocks": self.num_blocks,
+            "train_samples": self.train_samples,
+            "device": self.device,
+            "totals": {
+                "training_flops": self.total_training_flops,
+                "average_memory_bytes": self.average_memory_bytes,
+                "minimum_memory_bytes": self.minimum_memory_bytes,
+                "wall_time_s": self.wall_time_s,
+            },
+            "states": [asdict(s) for s in self.states],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostReport:
+        states = [FreezeStateRecord(**s) for s in data["states"]]
+        fields = ("model", "policy", "num_blocks", "train_samples", "device")
+        return cls(**{k: data[k] for k in fields}, states=states)
+
+    def to_markdown(self) -> str:
+        """The report as markdown: one row per freeze state, then the totals."""
+        lines = [
+            f"Cost report: {self.model}, policy {self.policy}, {self.train_samples} training samples per epoch, "
+            f"on {self.device}.",
+            "",
+            "| frozen blocks | epochs | steps | trainable params | GFLOPs/sample (train) | memory (MB) | "
+            "activations (MB) | wall time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for s in self.states:
+            cost = s.cost or {}
+            lines.append(
+                f"| {_blocks(s.frozen_blocks)} | {s.epochs:.2f} | {s.end_step - s.start_step} | "
+                f"{s.trainable_parameters:,} | {_fmt(cost.get('flops_per_sample'), 1e9, 4)} | "
+                f"{_fmt(s.memory_bytes, 2**20, 1)} | {_fmt(cost.get('activation_bytes'), 2**20, 1)} | "
+                f"{s.wall_time_s:.1f} |"
+            )
+        lines += [
+            "",
+            f"- total training FLOPs: {_fmt(self.total_training_flops, 1e12, 3)} TFLOPs",
+            f"- average memory: {_fmt(self.average_memory_bytes, 2**20, 1)} MB; "
+            f"minimum memory: {_fmt(self.minimum_memory_bytes, 2**20, 1)} MB",
+            f"- training wall time: {self.wall_time_s:.1f} s",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def save(self, output_dir: str | os.PathLike) -> None:
+        """Writes `cost_report.json` and `cost_report.md` into `output_dir`."""
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "cost_report.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        with open(os.path.join(output_dir, "cost_report.md"), "w") as f:
+            f.write(self.to_markdown())
+
+
+def _fmt(value: float | None, unit: float, digits: int) -> str:
+    return "n/a" if value is None else f"{value / unit:.{digits}f}"
+
+
+def _blocks(blocks: list[int]) -> str:
+    if not blocks:
+        return "none"
+    if blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+    return ",".join(map(str, blocks))

@@ -1,0 +1,6 @@
+"""The freezing engine and per-block learning-rate scaling."""
+
+from .engine import FreezingEngine, unwrap_optimizer
+from .update_scaling import BlockUpdateScaler
+
+__all__ = ["BlockUpdateScaler", "FreezingEngine", "unwrap_optimizer"]

@@ -1,0 +1,238 @@
+"""`FreezeCacheCallback`: progressive freezing and cost accounting inside a plain `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from ..accounting import CostReport, FreezeStateRecord, measure_step_cost
+from ..config import FreezeCacheArguments
+from ..freezing import BlockUpdateScaler, FreezingEngine
+from ..models import get_block_adapter
+from ..policies import TrainingProgress, build_policy
+
+logger = logging.getLogger(__name__)
+
+
+class FreezeCacheCallback(TrainerCallback, ExportableState):
+    """Applies a freezing policy during `Trainer.train()` and measures what each freeze state costs.
+
+    Every optimizer step the policy may freeze blocks (see `FreezingEngine` for what freezing does); FreezeOut-style
+    per-block learning rates are applied around `optimizer.step()`. Logs gain `frozen_blocks`, `frozen_prefix`,
+    `trainable_parameters` and cumulative `training_flops`. At the end, `cost_report.json` and `cost_report.md` are
+    written to `args.output_dir`. The callback's state (frozen blocks, policy state, report so far) is saved in
+    every Trainer checkpoint, and `trainer.train(resume_from_checkpoint=...)` resumes with the same blocks frozen.
+
+    Args:
+        freeze_args (`FreezeCacheArguments` or `dict`, *optional*): Options; defaults to `FreezeCacheArguments()`.
+        model (`nn.Module`, *optional*): The model the Trainer will train. Giving it here checks the options against
+            the model (block positions, supported family) before any training work; otherwise this happens when
+            training begins.
+
+    Example:
+
+    ```python
+    callback = FreezeCacheCallback(FreezeCacheArguments(freeze_policy="freezeout"), model=model)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[callback])
+    trainer.train()
+    ```
+    """
+
+    def __init__(self, freeze_args: FreezeCacheArguments | dict | None = None, model: nn.Module | None = None):
+        if isinstance(freeze_args, dict):
+            freeze_args = FreezeCacheArguments(**freeze_args)
+        self.freeze_args = freeze_args or FreezeCacheArguments()
+        self.policy = build_policy(self.freeze_args)
+        self.engine: FreezingEngine | None = None
+        self.scaler: BlockUpdateScaler | None = None
+        self.report: CostReport | None = None
+        self._model: nn.Module | None = None
+        self._probe: dict[str, torch.Tensor] | None = None
+        self._cost_pending = False
+        self._clock = 0.0
+        if model is not None:
+            self._bind(model)
+
+    # -- Trainer events ------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model, optimizer, dataloader = kwargs["model"], kwargs.get("optimizer"), kwargs.get("train_dataloader")
+        self._bind(model)
+        if optimizer is not None:
+            self.engine.attach_optimizer(optimizer)
+        if self.freeze_args.cost_report and dataloader is not None:
+            self._probe = _probe_batch(dataloader, args.device)
+        saved = self._saved_state(state)
+        if saved is not None:
+            self._restore(saved)
+        else:
+            self.report = CostReport(
+                model=f"{type(model).__name__} ({self.engine.adapter.family})",
+                policy=self.policy.describe(),
+                num_blocks=self.engine.adapter.num_blocks,
+                train_samples=_dataset_size(dataloader, state, args),
+                device=str(args.device),
+            )
+            self.engine.freeze(self.policy.blocks_to_freeze(self._progress(state), frozenset()))
+            self._open_state(state, kwargs.get("optimizer"))
+        self._clock = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        progress = self._progress(state)
+        self.policy.observe_gradients(progress)
+        self.scaler.before_step(self.policy.lr_scales(progress, frozenset(self.engine.frozen)))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.scaler.after_step()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        record = self.report.states[-1]
+        record.wall_time_s += time.perf_counter() - self._clock
+        record.end_step, record.end_epoch = state.global_step, float(state.epoch or 0.0)
+        if self._cost_pending:
+            self._measure(record, kwargs.get("optimizer"))
+        new = self.engine.freeze(self.policy.blocks_to_freeze(self._progress(state), frozenset(self.engine.frozen)))
+        if new:
+            self._close_state()
+            logger.info(
+                "Step %d (epoch %.2f): froze blocks %s; frozen prefix is now %d of %d blocks.",
+                state.global_step,
+                state.epoch or 0.0,
+                new,
+                self.engine.frozen_prefix,
+                self.engine.adapter.num_blocks,
+            )
+            self._open_state(state, kwargs.get("optimizer"))
+        self._clock = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._clock = time.perf_counter()  # evaluation time is not training time
+
+    def on_save(self, args, state, control, **kwargs):
+        self._clock = time.perf_counter()
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if logs is None or self.engine is None:
+            return
+        extra = {
+            "frozen_blocks": len(self.engine.frozen),
+            "frozen_prefix": self.engine.frozen_prefix,
+            "trainable_parameters": self.engine.trainable_parameters(),
+        }
+        if self.report.total_training_flops is not None:
+            extra["training_flops"] = self.report.total_training_flops
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._close_state()
+        if self.freeze_args.cost_report and state.is_world_process_zero:
+            self.report.save(args.output_dir)
+            logger.info("Cost report written to %s/cost_report.{json,md}", args.output_dir)
+            print(self.report.to_markdown())
+
+    # -- checkpointing (transformers' ExportableState) -----------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        resume = None
+        if self.engine is not None:
+            resume = {
+                "frozen": sorted(self.engine.frozen),
+                "policy": self.policy.state_dict(),
+                "report": self.report.to_dict() if self.report else None,
+                "cost_pending": self._cost_pending,
+            }
+        return {"args": {"freeze_args": self.freeze_args.to_dict()}, "attributes": {"resume_state": resume}}
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _bind(self, model: nn.Module) -> None:
+        if self._model is model:
+            return
+        adapter = get_block_adapter(model, **self.freeze_args.adapter_modules())
+        self.policy.setup(adapter)
+        self._model = model
+        self.engine = FreezingEngine(adapter)
+        self.scaler = BlockUpdateScaler(adapter)
+
+    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
+        restored = getattr(self, "resume_state", None)  # set by Trainer when restore_callback_states is on
+        if restored is None and state.global_step > 0:
+            entry = (state.stateful_callbacks or {}).get(type(self).__name__)
+            entry = entry[0] if isinstance(entry, list) else entry
+            restored = (entry or {}).get("attributes", {}).get("resume_state")
+            if restored is None:
+                raise ValueError(
+                    f"Resuming at step {state.global_step} but the checkpoint holds no {type(self).__name__} state: "
+                    "it was not written by a run using this callback, so the frozen blocks cannot be restored."
+                )
+        return restored
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.engine.freeze(saved["frozen"])
+        self.policy.load_state_dict(saved["policy"])
+        self.report = CostReport.from_dict(saved["report"])
+        self._cost_pending = saved["cost_pending"]
+        logger.info("Resumed with blocks %s frozen.", saved["frozen"])
+
+    def _progress(self, state: TrainerState) -> TrainingProgress:
+        return TrainingProgress(
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=float(state.epoch or 0.0),
+            num_train_epochs=float(state.num_train_epochs),
+        )
+
+    def _open_state(self, state: TrainerState, optimizer: torch.optim.Optimizer | None) -> None:
+        epoch = float(state.epoch or 0.0)
+        record = FreezeStateRecord(
+            frozen_blocks=sorted(self.engine.frozen),
+            frozen_prefix=self.engine.frozen_prefix,
+            trainable_parameters=self.engine.trainable_parameters(),
+            start_step=state.global_step,
+            start_epoch=epoch,
+            end_step=state.global_step,
+            end_epoch=epoch,
+        )
+        self.report.states.append(record)
+        # Optimizer state only exists after the first optimizer step: a state opened before it is measured then.
+        self._cost_pending = self.freeze_args.cost_report and self._probe is not None
+        if self._cost_pending and state.global_step > 0:
+            self._measure(record, optimizer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _measure(self, record: FreezeStateRecord, optimizer: torch.optim.Optimizer | None) -> None:
+        record.cost = measure_step_cost(self._model, self._probe, optimizer).to_dict()
+        self._cost_pending = False
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the measurement's own replica is not training memory
+
+    def _close_state(self) -> None:
+        if self.report and self.report.states and torch.cuda.is_available():
+            self.report.states[-1].peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+
+
+def _dataset_size(dataloader, state: TrainerState, args: TrainingArguments) -> int:
+    try:
+        return len(dataloader.dataset)
+    except (AttributeError, TypeError):
+        return state.train_batch_size * args.gradient_accumulation_steps * args.world_size * state.max_steps
+
+
+def _probe_batch(dataloader, device: torch.device) -> dict[str, torch.Tensor]:
+    """One training batch for cost measurement, taken without advancing training's random streams."""
+    with torch.random.fork_rng(devices=[]):
+        dataset, size = dataloader.dataset, dataloader.batch_size or 1
+        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+            batch = dataloader.collate_fn([dataset[i] for i in range(min(size, len(dataset)))])
+        else:
+            batch = next(iter(dataloader))
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,43 @@
+"""Builds the model a recipe names: a CIFAR ResNet, a transformers model, or a timm model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .cifar_resnet import CIFAR_RESNET_VARIANTS, CifarResNet, load_cifar_resnet
+from .wrapper import ImageClassifierWrapper
+
+
+def build_model(name: str, num_labels: int, weights: str | None = None) -> nn.Module:
+    """Returns a model with the `Trainer` calling convention (`forward(pixel_values, labels)`).
+
+    Args:
+        name (`str`): One of
+            - a CIFAR ResNet variant (`resnet20`, `resnet32`, `resnet44`, `resnet56`, `resnet110`, `resnet32-paper`);
+            - `timm:<model name>` for a timm model (random init, or `weights` as a timm checkpoint file);
+            - a transformers model id or folder, loaded with `AutoModelForImageClassification`.
+        num_labels (`int`): Number of classes; a pretrained classifier of another size is re-initialised.
+        weights (`str`, *optional*): For CIFAR ResNets, a `pytorch_resnet_cifar10` checkpoint (e.g.
+            `../shared/models/resnet-cifar10/resnet20-12fca82f.th`); for timm, a checkpoint path.
+    """
+    if name in CIFAR_RESNET_VARIANTS:
+        if weights is None:
+            return CifarResNet.from_name(name, num_classes=num_labels)
+        model = load_cifar_resnet(weights, num_classes=num_labels)
+        expected = CifarResNet.from_name(name)
+        if (model.depth, model.widths) != (expected.depth, expected.widths):
+            raise ValueError(
+                f"--pretrained_weights {weights} holds a depth-{model.depth} CIFAR ResNet with widths {model.widths}, "
+                f"not a {name} (depth {expected.depth}, widths {expected.widths})."
+            )
+        return model
+    if name.startswith("timm:"):
+        import timm
+
+        kwargs = {"checkpoint_path": weights} if weights else {}
+        return ImageClassifierWrapper(timm.create_model(name.removeprefix("timm:"), num_classes=num_labels, **kwargs))
+    if weights is not None:
+        raise ValueError("--pretrained_weights is for CIFAR ResNets and timm models; transformers models load theirs.")
+    from transformers import AutoModelForImageClassification
+
+    return AutoModelForImageClassification.from_pretrained(name, num_labels=num_labels, ignore_mismatched_sizes=True)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded CIFAR-10 subset and the pretrained weights from ../shared."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared (or $HF_FREEZECACHE_SHARED). Missing: fails in CI, skips with the reason elsewhere."""
+    base = Path(os.environ.get("HF_FREEZECACHE_SHARED", ROOT.parent / "shared"))
+    path = base.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} not found: tests that use the shared pretrained weights need ../shared beside the repo."
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights() -> Path:
+    return shared_path("models", "resnet-cifar10", "resnet20-12fca82f.th")
+
+
+@pytest.fixture(scope="session")
+def resnet32_weights() -> Path:
+    return shared_path("models", "resnet-cifar10", "resnet32-d509ac18.th")
+
+
+@pytest.fixture(scope="session")
+def cifar_data():
+    from hf_freezecache.data import load_image_classification
+
+    return load_image_classification(max_train_samples=512, augment=False)
+
+
+@pytest.fixture(scope="session")
+def cifar_batch(cifar_data):
+    from hf_freezecache.data import collate_image_batch
+
+    return collate_image_batch([cifar_data.train[i] for i in range(16)])
