@@ -4,8 +4,9 @@
     accelerate launch recipes/train_image_classifier.py --model resnet20 --freeze_policy freezeout --output_dir out
 
 Every `TrainingArguments` flag works, next to the `ModelArguments`, `DataTrainingArguments` and `FreezeCacheArguments`
-below; a single `.json` or `.yaml` file may hold them all instead. Defaults train CIFAR ResNet-20 on the CIFAR-10
-subset embedded in the package, on CPU in a few minutes.
+below; a single `.json` or `.yaml` file may hold them all instead. Defaults (`RECIPE_DEFAULTS`) train CIFAR ResNet-20
+from scratch on the CIFAR-10 subset embedded in the package: 10 epochs, about two minutes on a 2-core CPU.
+An existing checkpoint in `--output_dir` is resumed from.
 """
 
 from __future__ import annotations
@@ -58,8 +59,29 @@ class DataTrainingArguments:
     augment: bool = field(default=True, metadata={"help": "Random crop and horizontal flip on training images."})
 
 
+#: Defaults for a CIFAR ResNet on CPU (the CIFAR recipe of He et al.: SGD, momentum 0.9, lr 0.1, cosine), in place
+#: of `TrainingArguments`' language-model defaults. Flags override them; a JSON/YAML file starts from the dataclasses.
+RECIPE_DEFAULTS = dict(
+    output_dir="out",
+    num_train_epochs=10,
+    per_device_train_batch_size=128,
+    per_device_eval_batch_size=256,
+    learning_rate=0.1,
+    weight_decay=5e-4,
+    optim="sgd",
+    optim_args="momentum=0.9",
+    lr_scheduler_type="cosine",
+    eval_strategy="epoch",
+    save_strategy="epoch",
+    save_total_limit=2,
+    logging_steps=20,
+    report_to="none",
+)
+
+
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, FreezeCacheArguments))
+    parser.set_defaults(**RECIPE_DEFAULTS)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(os.path.abspath(argv[0]))

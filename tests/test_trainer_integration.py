@@ -80,6 +80,7 @@ def test_trainer_keeps_frozen_blocks_and_their_batchnorm_fixed(tmp_path, cifar_d
     assert second["cost"]["flops_per_sample"] < first["cost"]["flops_per_sample"]
     assert second["cost"]["memory_bytes"] < first["cost"]["memory_bytes"]
     assert first["end_epoch"] - first["start_epoch"] == pytest.approx(1.0)
+    assert first["cost"]["batch_size"] == 32  # memory is measured at the training batch size
     assert report["totals"]["training_flops"] == pytest.approx(
         512 * (first["cost"]["flops_per_sample"] + second["cost"]["flops_per_sample"])
     )

@@ -67,7 +67,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         if optimizer is not None:
             self.engine.attach_optimizer(optimizer)
         if self.freeze_args.cost_report and dataloader is not None:
-            self._probe = _probe_batch(dataloader, args.device)
+            self._probe = _probe_batch(dataloader, args.per_device_train_batch_size, args.device)
         saved = self._saved_state(state)
         if saved is not None:
             self._restore(saved)
@@ -227,10 +227,11 @@ def _dataset_size(dataloader, state: TrainerState, args: TrainingArguments) -> i
         return state.train_batch_size * args.gradient_accumulation_steps * args.world_size * state.max_steps
 
 
-def _probe_batch(dataloader, device: torch.device) -> dict[str, torch.Tensor]:
-    """One training batch for cost measurement, taken without advancing training's random streams."""
+def _probe_batch(dataloader, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One training batch of the per-device size, for cost measurement, taken without advancing training's RNG."""
+    # accelerate's prepared dataloader batches through a sampler and reports `batch_size=None`: size it explicitly.
     with torch.random.fork_rng(devices=[]):
-        dataset, size = dataloader.dataset, dataloader.batch_size or 1
+        dataset, size = dataloader.dataset, batch_size
         if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
             batch = dataloader.collate_fn([dataset[i] for i in range(min(size, len(dataset)))])
         else:
