@@ -23,8 +23,6 @@ def test_frozen_state_flops_are_lower_and_equal_what_flop_counter_reports(cifar_
     assert frozen.flops_per_sample < full.flops_per_sample
     assert frozen.forward_flops_per_sample == full.forward_flops_per_sample  # the prefix still runs forward
     assert frozen.flops_per_sample * 16 == _flop_counter_step(model, cifar_batch)
-    for p in model.parameters():
-        p.grad = None
 
 
 def test_memory_counts_gradients_of_trainable_parameters_and_live_optimizer_state(cifar_batch):

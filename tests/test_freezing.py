@@ -8,7 +8,7 @@ from hf_freezecache.freezing import BlockUpdateScaler, FreezingEngine
 from hf_freezecache.models import CifarResNet, get_block_adapter
 
 
-def _train_steps(model, optimizer, batch, steps, engine=None):
+def _train_steps(model, optimizer, batch, steps):
     for _ in range(steps):
         model.train()  # what Trainer does before every step
         optimizer.zero_grad()
@@ -92,9 +92,11 @@ def test_frozen_prefix_saves_no_activation_for_backward(cifar_batch):
 
 
 def test_freezing_an_index_outside_the_model_is_refused():
-    engine = FreezingEngine(get_block_adapter(CifarResNet.from_name("resnet20")))
+    adapter = get_block_adapter(CifarResNet.from_name("resnet20"))
+    engine = FreezingEngine(adapter)
     with pytest.raises(ValueError, match="Block index 9 is outside the model: blocks go from 0 to 8"):
-        engine.freeze([9])
+        engine.freeze([2, 9])
+    assert engine.frozen == set() and all(p.requires_grad for p in adapter.block_parameters(2))
 
 
 @pytest.mark.parametrize(

@@ -86,9 +86,15 @@ def load_image_classification(
     train_tf = transforms.Compose([*(crop_flip if augment else []), *normalize])
     eval_tf = transforms.Compose(normalize)
 
+    # Resize matches the short side to `image_size`; the centre crop squares non-square sources.
+    fit = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+
     def _make(transform):
         def apply(batch):
-            images = [transform(_ensure_size(img.convert("RGB"), image_size)) for img in batch[image_column]]
+            images = []
+            for image in batch[image_column]:
+                image = image.convert("RGB")
+                images.append(transform(image if image.size == (image_size, image_size) else fit(image)))
             return {"pixel_values": images, "labels": batch[label_column]}
 
         return apply
@@ -98,11 +104,6 @@ def load_image_classification(
         eval=evaluation.with_transform(_make(eval_tf)),
         label_names=label_names,
     )
-
-
-def _ensure_size(image, size: int):
-    # Resize matches the short side to `size`; the centre crop squares non-square sources.
-    return image if image.size == (size, size) else transforms.CenterCrop(size)(transforms.Resize(size)(image))
 
 
 def collate_image_batch(examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -71,11 +71,12 @@ class FreezingEngine:
     def freeze(self, indices: Iterable[int]) -> list[int]:
         """Freezes blocks `indices`; returns the ones that were not frozen before, sorted."""
         new = sorted(set(indices) - self.frozen)
+        outside = [index for index in new if not 0 <= index < self.adapter.num_blocks]
+        if outside:  # checked before anything changes, so a bad call leaves no half-frozen model
+            raise ValueError(
+                f"Block index {outside[0]} is outside the model: blocks go from 0 to {self.adapter.num_blocks - 1}."
+            )
         for index in new:
-            if not 0 <= index < self.adapter.num_blocks:
-                raise ValueError(
-                    f"Block index {index} is outside the model: blocks go from 0 to {self.adapter.num_blocks - 1}."
-                )
             params = self.adapter.block_parameters(index)
             for param in params:
                 param.requires_grad_(False)
