@@ -68,6 +68,82 @@ class FreezeCacheArguments:
         default=True,
         metadata={"help": "Measure FLOPs and memory of every freeze state and write cost_report.json/.md at the end."},
     )
+    discard: bool = field(
+        default=False,
+        metadata={
+            "help": "Discard the frozen prefix: at the first epoch boundary after the frozen prefix grows, run it "
+            "once over the training set, cache its compressed outputs, and train the remaining blocks from the cache. "
+            "Needs FreezeCacheTrainer."
+        },
+    )
+    discard_positions: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --discard: discard only at these block positions, e.g. '5,10' (the largest one the frozen "
+            "prefix has reached). Default: whenever the frozen prefix grows."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the activation caches (one subfolder per position); default "
+            "<output_dir>/activation_cache."
+        },
+    )
+    cache_codec: str = field(
+        default="zfp",
+        metadata={
+            "help": "Codec of cached activations: 'zfp' (lossy, error <= tolerance), 'int8', 'fp16', 'bf16', "
+            "'none' (raw float32)."
+        },
+    )
+    cache_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "zfp error tolerance, the same at every position (the paper's progressive compression). Relative "
+            "to the standard deviation of the position's activations unless --cache_tolerance_relative false."
+        },
+    )
+    cache_tolerance_relative: bool = field(
+        default=True,
+        metadata={"help": "Whether --cache_tolerance is relative to the activations' std (true) or absolute (false)."},
+    )
+    cache_chunk_size: int = field(
+        default=4,
+        metadata={"help": "Consecutive samples compressed together (one cache row); chunks are shuffled as units."},
+    )
+    cache_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the one-off prefix pass; default per_device_eval_batch_size."},
+    )
+    cache_decode_threads: int = field(
+        default=2, metadata={"help": "Threads decoding the chunks of a batch (per DataLoader worker)."}
+    )
+    cache_max_shard_size: str = field(default="500MB", metadata={"help": "Largest Arrow shard of a cache."})
+    feature_augmentation: str = field(
+        default="auto",
+        metadata={
+            "help": "Augmentation of cached activations: 'auto' ('feature-maps' for CNN maps, 'tokens' for "
+            "transformer tokens), 'feature-maps', 'tokens' or 'none'."
+        },
+    )
+    feature_flip: bool = field(default=True, metadata={"help": "Feature maps: random horizontal flip."})
+    feature_crop_padding: float = field(
+        default=0.125,
+        metadata={"help": "Feature maps: random crop after zero padding of this fraction of the map side (0: off)."},
+    )
+    feature_noise_std: float = field(
+        default=0.0, metadata={"help": "Maps and tokens: std of added Gaussian noise, in activation units (0: off)."}
+    )
+    feature_blur_sigma: float = field(
+        default=0.0, metadata={"help": "Feature maps: sigma of a random Gaussian blur, in map pixels (0: off)."}
+    )
+    feature_blur_probability: float = field(
+        default=0.5, metadata={"help": "Feature maps: probability that a sample is blurred when blur is on."}
+    )
+    token_drop_rate: float = field(
+        default=0.0, metadata={"help": "Tokens: fraction of patch tokens dropped per sample (0: off)."}
+    )
 
     def __post_init__(self) -> None:
         from .policies import POLICIES
@@ -87,7 +163,68 @@ class FreezeCacheArguments:
             )
         if (self.stem_modules or self.head_modules) and not self.block_modules:
             raise ValueError("--stem_modules and --head_modules describe a generic model and need --block_modules.")
+        self._check_discard_arguments()
         POLICIES.get(self.freeze_policy).check_arguments(self)
+
+    def _check_discard_arguments(self) -> None:
+        from .augmentation import AUGMENTATIONS, build_feature_augmentation
+        from .cache import CODECS
+
+        if self.discard_positions is not None and not self.discard:
+            raise ValueError("--discard_positions is only used with --discard true.")
+        self.parsed_discard_positions()
+        if self.cache_codec not in CODECS:
+            raise ValueError(
+                f"--cache_codec {self.cache_codec!r} is not a known codec; choose one of {', '.join(CODECS.names())}."
+            )
+        if not self.cache_tolerance > 0:
+            raise ValueError(f"--cache_tolerance must be > 0, got {self.cache_tolerance}.")
+        if self.cache_chunk_size < 1:
+            raise ValueError(f"--cache_chunk_size must be at least 1, got {self.cache_chunk_size}.")
+        if self.cache_batch_size is not None and self.cache_batch_size < 1:
+            raise ValueError(f"--cache_batch_size must be at least 1, got {self.cache_batch_size}.")
+        if self.cache_decode_threads < 1:
+            raise ValueError(f"--cache_decode_threads must be at least 1, got {self.cache_decode_threads}.")
+        if self.feature_augmentation != "auto" and self.feature_augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"--feature_augmentation {self.feature_augmentation!r} is not known; choose 'auto' or "
+                f"one of {', '.join(AUGMENTATIONS.names())}."
+            )
+        for layout in ("feature-maps", "tokens"):  # the augmentations validate their own ranges
+            build_feature_augmentation(layout, **self.augmentation_options(layout))
+
+    def parsed_discard_positions(self) -> list[int] | None:
+        """`--discard_positions` as a sorted list of ints (None: discard whenever the frozen prefix grows)."""
+        if self.discard_positions is None:
+            return None
+        try:
+            positions = sorted({int(p) for p in self.discard_positions.split(",") if p.strip()})
+        except ValueError:
+            positions = []
+        if not positions or positions[0] < 1:
+            raise ValueError(
+                f"--discard_positions must be a comma-separated list of block positions >= 1, e.g. '5,10'; "
+                f"got {self.discard_positions!r}."
+            )
+        return positions
+
+    def codec_config(self) -> dict:
+        """The requested cache codec as a `build_codec` config."""
+        if self.cache_codec == "zfp":
+            return {"name": "zfp", "tolerance": self.cache_tolerance, "relative": self.cache_tolerance_relative}
+        return {"name": self.cache_codec}
+
+    def augmentation_options(self, layout: str) -> dict:
+        """Keyword options of the built-in augmentation for `layout` ('feature-maps' or 'tokens')."""
+        if layout == "tokens":
+            return {"noise_std": self.feature_noise_std, "drop_rate": self.token_drop_rate}
+        return {
+            "flip": self.feature_flip,
+            "crop_padding": self.feature_crop_padding,
+            "noise_std": self.feature_noise_std,
+            "blur_sigma": self.feature_blur_sigma,
+            "blur_probability": self.feature_blur_probability,
+        }
 
     def adapter_modules(self) -> dict[str, list[str] | None]:
         """The generic-adapter module names as lists: the keyword arguments of `get_block_adapter`."""

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs the comparisons of docs/results.md (CPU): CIFAR ResNet-20 from scratch on a 10k CIFAR-10 subset, and the
-# shared pretrained ResNet-20 fine-tuned on Fashion-MNIST, each with `none`, `freezeout` and `fixed`.
-#   bash recipes/run_results.sh scratch|finetune OUT_DIR
+# shared pretrained ResNet-20 fine-tuned on Fashion-MNIST.
+#   bash recipes/run_results.sh scratch|finetune OUT_DIR [RUN ...]
+# RUN is one of none, freezeout, fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
+# activations cached with the default codec); default: none freezeout fixed.
 # Each run uses one thread (pin it to a core with taskset for stable wall times).
 set -euo pipefail
-which=$1; out=$2
+which=$1; out=$2; shift 2
+runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(none freezeout fixed)
 shared=${SHARED:-../shared}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 common=(--per_device_train_batch_size 128 --per_device_eval_batch_size 500 --optim sgd --optim_args momentum=0.9
@@ -20,9 +23,14 @@ else
         --num_train_epochs 5 --learning_rate 0.01 --weight_decay 5e-4)
   fixed="1:3,3:6"
 fi
-for policy in none freezeout fixed; do
-  extra=()
-  [ "$policy" = fixed ] && extra=(--freeze_schedule "$fixed")
-  python recipes/train_image_classifier.py "${args[@]}" "${common[@]}" --freeze_policy "$policy" "${extra[@]}" \
-    --output_dir "$out/$which-$policy" > "$out/$which-$policy.log" 2>&1
+for run in "${runs[@]}"; do
+  case $run in
+    none|freezeout) extra=(--freeze_policy "$run") ;;
+    fixed) extra=(--freeze_policy fixed --freeze_schedule "$fixed") ;;
+    fixed-discard) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1) ;;
+    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard)" >&2; exit 2 ;;
+  esac
+  rm -rf "$out/$which-$run"
+  python recipes/train_image_classifier.py "${args[@]}" "${common[@]}" "${extra[@]}" \
+    --output_dir "$out/$which-$run" > "$out/$which-$run.log" 2>&1
 done

@@ -1,6 +1,7 @@
-"""Trains an image classifier with `Trainer` and progressive freezing, then writes the model, logs and cost report.
+"""Trains an image classifier with `FreezeCacheTrainer`, then writes the model, logs and cost report.
 
     python recipes/train_image_classifier.py --model resnet20 --freeze_policy freezeout --output_dir out
+    python recipes/train_image_classifier.py --freeze_policy fixed --freeze_schedule 5:3 --discard true
     accelerate launch recipes/train_image_classifier.py --model resnet20 --freeze_policy freezeout --output_dir out
 
 Every `TrainingArguments` flag works, next to the `ModelArguments`, `DataTrainingArguments` and `FreezeCacheArguments`
@@ -17,10 +18,10 @@ import sys
 from dataclasses import dataclass, field
 
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_freezecache import FreezeCacheArguments, FreezeCacheCallback, compute_accuracy
+from hf_freezecache import FreezeCacheArguments, FreezeCacheTrainer, compute_accuracy
 from hf_freezecache.data import EMBEDDED_CIFAR10, collate_image_batch, load_image_classification
 from hf_freezecache.models import build_model
 
@@ -108,15 +109,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         augment=data_args.augment,
     )
     model = build_model(model_args.model, data.num_labels, model_args.pretrained_weights)
-    callback = FreezeCacheCallback(freeze_args, model=model)
-    trainer = Trainer(
+    trainer = FreezeCacheTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=collate_image_batch,
         compute_metrics=compute_accuracy,
-        callbacks=[callback],
+        freeze_args=freeze_args,
+        cache_dataset=data.train_unaugmented,
     )
 
     checkpoint = training_args.resume_from_checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,7 +55,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
 
 
 def measure_step_cost(
-    model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    exclude: Iterable[torch.Tensor] = (),
 ) -> StepCost:
     """Runs one real forward+backward of `model` on `batch` and measures it, without touching `model`.
 
@@ -69,6 +73,8 @@ def measure_step_cost(
         batch (`dict[str, torch.Tensor]`): A training batch, on the model's device; its first dimension is the
             batch size.
         optimizer (`torch.optim.Optimizer`, *optional*): The live optimizer, whose state bytes are read as they are.
+        exclude (`Iterable[torch.Tensor]`): Parameters and buffers outside training memory (a discarded prefix),
+            left out of the model bytes.
     """
     batch_size = int(next(iter(batch.values())).shape[0])
     device = next(model.parameters()).device
@@ -96,11 +102,13 @@ def measure_step_cost(
                 loss.backward()
         total_flops = forward_flops + backward_counter.get_total_flops()
 
-    params = _unique_tensors(model.parameters())
+    excluded = {id(t) for t in exclude}
+    params = [p for p in _unique_tensors(model.parameters()) if id(p) not in excluded]
+    buffers = [b for b in _unique_tensors(model.buffers()) if id(b) not in excluded]
     return StepCost(
         flops_per_sample=total_flops / batch_size,
         forward_flops_per_sample=forward_flops / batch_size,
-        model_bytes=sum(t.numel() * t.element_size() for t in [*params, *_unique_tensors(model.buffers())]),
+        model_bytes=sum(t.numel() * t.element_size() for t in [*params, *buffers]),
         gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
         optimizer_bytes=optimizer_state_bytes(optimizer),
         activation_bytes=sum(saved.values()),

@@ -22,6 +22,12 @@ class FreezeStateRecord:
         wall_time_s (`float`): Training time spent in the state (evaluation and checkpointing excluded).
         cost (`dict`): `StepCost.to_dict()` measured at the state's first step, or None when measuring is off.
         peak_cuda_bytes (`int`, *optional*): `torch.cuda.max_memory_allocated` over the state, on GPU.
+        discarded_prefix (`int`): Blocks discarded (training reads activations cached at this position; 0: none).
+        one_off_flops (`float`): FLOPs paid once when the state began: the prefix pass that built its cache.
+        cache (`dict`, *optional*): The cache the state trained from: position, codec, chunk size, raw and stored
+            bytes, compression ratio, build seconds, whether an existing cache was reused.
+        decode_seconds (`float`, *optional*): Time spent decoding cache chunks in the training process (None when
+            DataLoader workers decoded).
     """
 
     frozen_blocks: list[int]
@@ -34,6 +40,10 @@ class FreezeStateRecord:
     wall_time_s: float = 0.0
     cost: dict[str, Any] | None = None
     peak_cuda_bytes: int | None = None
+    discarded_prefix: int = 0
+    one_off_flops: float = 0.0
+    cache: dict[str, Any] | None = None
+    decode_seconds: float | None = None
 
     @property
     def epochs(self) -> float:
@@ -50,7 +60,8 @@ class FreezeStateRecord:
 class CostReport:
     """Costs of a whole run. Totals follow the paper's Appendix A.1:
 
-    - training FLOPs = sum over states of (FLOPs per sample x samples per epoch x epochs in the state);
+    - training FLOPs = sum over states of (FLOPs per sample x samples per epoch x epochs in the state), plus the
+      one-off prefix passes that built activation caches;
     - average memory = mean of the states' memory weighted by their epochs;
     - minimum memory = memory of the final state.
 
@@ -74,7 +85,7 @@ class CostReport:
     def total_training_flops(self) -> float | None:
         if any(s.cost is None for s in self.states):
             return None
-        return sum(s.cost["flops_per_sample"] * self.train_samples * s.epochs for s in self.states)
+        return sum(s.cost["flops_per_sample"] * self.train_samples * s.epochs + s.one_off_flops for s in self.states)
 
     @property
     def average_memory_bytes(self) -> float | None:
@@ -88,8 +99,14 @@ class CostReport:
         return self.states[-1].memory_bytes if self.states else None
 
     @property
+    def cache_build_seconds(self) -> float:
+        """Time spent building activation caches in this run (reused caches cost nothing)."""
+        return sum(s.cache["build_seconds"] for s in self.states if s.cache and not s.cache["reused"])
+
+    @property
     def wall_time_s(self) -> float:
-        return sum(s.wall_time_s for s in self.states)
+        """Training time of all states plus cache builds (evaluation and checkpointing excluded)."""
+        return sum(s.wall_time_s for s in self.states) + self.cache_build_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +120,7 @@ class CostReport:
                 "average_memory_bytes": self.average_memory_bytes,
                 "minimum_memory_bytes": self.minimum_memory_bytes,
                 "wall_time_s": self.wall_time_s,
+                "cache_build_seconds": self.cache_build_seconds,
             },
             "states": [asdict(s) for s in self.states],
         }
@@ -119,14 +137,15 @@ class CostReport:
             f"Cost report: {self.model}, policy {self.policy}, {self.train_samples} training samples per epoch, "
             f"on {self.device}.",
             "",
-            "| frozen blocks | epochs | steps | trainable params | GFLOPs/sample (train) | memory (MB) | "
+            "| frozen blocks | discarded | epochs | steps | trainable params | GFLOPs/sample (train) | memory (MB) | "
             "activations (MB) | wall time (s) |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for s in self.states:
             cost = s.cost or {}
             lines.append(
-                f"| {_blocks(s.frozen_blocks)} | {s.epochs:.2f} | {s.end_step - s.start_step} | "
+                f"| {_blocks(s.frozen_blocks)} | {_blocks(list(range(s.discarded_prefix)))} | {s.epochs:.2f} |"
+                f" {s.end_step - s.start_step} | "
                 f"{s.trainable_parameters:,} | {_fmt(cost.get('flops_per_sample'), 1e9, 4)} | "
                 f"{_fmt(s.memory_bytes, 2**20, 1)} | {_fmt(cost.get('activation_bytes'), 2**20, 1)} | "
                 f"{s.wall_time_s:.1f} |"
@@ -136,8 +155,26 @@ class CostReport:
             f"- total training FLOPs: {_fmt(self.total_training_flops, 1e12, 3)} TFLOPs",
             f"- average memory: {_fmt(self.average_memory_bytes, 2**20, 1)} MB; "
             f"minimum memory: {_fmt(self.minimum_memory_bytes, 2**20, 1)} MB",
-            f"- training wall time: {self.wall_time_s:.1f} s",
+            f"- training wall time: {self.wall_time_s:.1f} s (of which building caches: "
+            f"{self.cache_build_seconds:.1f} s)",
         ]
+        caches = [s for s in self.states if s.cache]
+        if caches:
+            lines += [
+                "",
+                "| cache position | codec | chunk | raw (MB) | stored (MB) | ratio | build (s) | one-off GFLOPs | "
+                "decode (s) |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for s in caches:
+                c = s.cache
+                reused = " (reused)" if c.get("reused") else ""
+                decode = "n/a" if s.decode_seconds is None else f"{s.decode_seconds:.1f}"
+                lines.append(
+                    f"| {c['position']} | {c['codec']} | {c['chunk_size']} | {c['raw_bytes'] / 2**20:.1f} | "
+                    f"{c['stored_bytes'] / 2**20:.1f} | {c['compression_ratio']:.2f}x | {c['build_seconds']:.1f}"
+                    f"{reused} | {s.one_off_flops / 1e9:.1f} | {decode} |"
+                )
         return "\n".join(lines) + "\n"
 
     def save(self, output_dir: str | os.PathLike) -> None:

@@ -21,11 +21,16 @@ _LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 @dataclass
 class ImageClassificationData:
-    """Train and evaluation splits with on-the-fly preprocessing, and the label names."""
+    """Train and evaluation splits with on-the-fly preprocessing, and the label names.
+
+    `train_unaugmented` is the training split with the evaluation preprocessing (no random crop or flip): what the
+    frozen prefix runs over when an activation cache is built.
+    """
 
     train: datasets.Dataset
     eval: datasets.Dataset
     label_names: list[str]
+    train_unaugmented: datasets.Dataset
 
     @property
     def num_labels(self) -> int:
@@ -103,6 +108,7 @@ def load_image_classification(
         train=train.with_transform(_make(train_tf)),
         eval=evaluation.with_transform(_make(eval_tf)),
         label_names=label_names,
+        train_unaugmented=train.with_transform(_make(eval_tf)),
     )
 
 

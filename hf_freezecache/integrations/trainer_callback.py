@@ -13,9 +13,10 @@ from transformers.trainer_callback import ExportableState
 
 from ..accounting import CostReport, FreezeStateRecord, measure_step_cost
 from ..config import FreezeCacheArguments
-from ..freezing import BlockUpdateScaler, FreezingEngine
+from ..freezing import ACTIVATIONS_KEY, BlockUpdateScaler, FreezingEngine
 from ..models import get_block_adapter
 from ..policies import TrainingProgress, build_policy
+from .discard import DiscardController
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,16 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         self.scaler: BlockUpdateScaler | None = None
         self.report: CostReport | None = None
         self._model: nn.Module | None = None
+        # A training batch of images (for estimates and cost), and the batch the current state is measured on
+        # (the same images, or their activations once the prefix is discarded).
         self._probe: dict[str, torch.Tensor] | None = None
+        self._cost_batch: dict[str, torch.Tensor] | None = None
         self._cost_pending = False
         self._clock = 0.0
+        self._decode_seconds_at_open = 0.0
+        self._dataloader_workers = 0
+        # Set by `FreezeCacheTrainer` when --discard is on: it owns the dataset and collator that a discard switches.
+        self.discard_controller: DiscardController | None = None
         if model is not None:
             self._bind(model)
 
@@ -63,15 +71,24 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model, optimizer, dataloader = kwargs["model"], kwargs.get("optimizer"), kwargs.get("train_dataloader")
+        if self.freeze_args.discard and self.discard_controller is None:
+            raise ValueError(
+                "--discard true needs hf_freezecache.FreezeCacheTrainer: a callback cannot replace the Trainer's "
+                "dataloader or sampler. Use FreezeCacheTrainer(..., freeze_args=...) instead of Trainer + callback."
+            )
         self._bind(model)
+        self._dataloader_workers = args.dataloader_num_workers
         if optimizer is not None:
             self.engine.attach_optimizer(optimizer)
         if self.freeze_args.cost_report and dataloader is not None:
             self._probe = _probe_batch(dataloader, args.per_device_train_batch_size, args.device)
+            self._cost_batch = self._probe
         saved = self._saved_state(state)
         if saved is not None:
-            self._restore(saved)
+            self._restore(saved, args)
         else:
+            if self.discard_controller is not None:
+                self.discard_controller.check_destination(args, self._probe)
             self.report = CostReport(
                 model=f"{type(model).__name__} ({self.engine.adapter.family})",
                 policy=self.policy.describe(),
@@ -82,6 +99,21 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             self.engine.freeze(self.policy.blocks_to_freeze(self._progress(state), frozenset()))
             self._open_state(state, kwargs.get("optimizer"))
         self._clock = time.perf_counter()
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # The Trainer creates the epoch's data iterator after this event: the last point to switch its source.
+        if self.discard_controller is None:
+            return
+        position = self.discard_controller.target_position(self.engine.frozen_prefix)
+        if position is None:
+            return
+        self._close_state()
+        if self.report.states and self.report.states[-1].end_step == self.report.states[-1].start_step:
+            self.report.states.pop()  # a freeze state that saw no step before its discard
+        self._cost_batch = self._cache_probe(position)
+        info = self.discard_controller.discard(position, args, self._probe)
+        self._open_state(state, kwargs.get("optimizer"), cache=info)
+        self._clock = time.perf_counter()  # the build is accounted as the cache's, not as training steps
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         progress = self._progress(state)
@@ -148,6 +180,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                 "policy": self.policy.state_dict(),
                 "report": self.report.to_dict() if self.report else None,
                 "cost_pending": self._cost_pending,
+                "discarded_prefix": self.discard_controller.position if self.discard_controller else 0,
             }
         return {"args": {"freeze_args": self.freeze_args.to_dict()}, "attributes": {"resume_state": resume}}
 
@@ -175,12 +208,22 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                 )
         return restored
 
-    def _restore(self, saved: dict[str, Any]) -> None:
+    def _restore(self, saved: dict[str, Any], args: TrainingArguments) -> None:
         self.engine.freeze(saved["frozen"])
         self.policy.load_state_dict(saved["policy"])
         self.report = CostReport.from_dict(saved["report"])
         self._cost_pending = saved["cost_pending"]
-        logger.info("Resumed with blocks %s frozen.", saved["frozen"])
+        position = saved.get("discarded_prefix", 0)
+        if position:
+            if self.discard_controller is None:
+                raise ValueError(
+                    f"The checkpoint was taken after discarding blocks 0-{position - 1}; resume it with "
+                    "FreezeCacheTrainer and --discard true."
+                )
+            self._cost_batch = self._cache_probe(position)
+            self.discard_controller.discard(position, args, self._probe)  # reuses the cache, or rebuilds it
+            self._decode_seconds_at_open = 0.0
+        logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
 
     def _progress(self, state: TrainerState) -> TrainingProgress:
         return TrainingProgress(
@@ -190,8 +233,11 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             num_train_epochs=float(state.num_train_epochs),
         )
 
-    def _open_state(self, state: TrainerState, optimizer: torch.optim.Optimizer | None) -> None:
+    def _open_state(
+        self, state: TrainerState, optimizer: torch.optim.Optimizer | None, cache: dict[str, Any] | None = None
+    ) -> None:
         epoch = float(state.epoch or 0.0)
+        discarded = self.discard_controller.position if self.discard_controller else 0
         record = FreezeStateRecord(
             frozen_blocks=sorted(self.engine.frozen),
             frozen_prefix=self.engine.frozen_prefix,
@@ -200,24 +246,50 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             start_epoch=epoch,
             end_step=state.global_step,
             end_epoch=epoch,
+            discarded_prefix=discarded,
+            cache=cache,
         )
+        if cache is not None and not cache["reused"]:
+            record.one_off_flops = cache["prefix_forward_flops_per_sample"] * cache["num_samples"]
+        if self.discard_controller is not None and self.discard_controller.cache is not None:
+            self._decode_seconds_at_open = self.discard_controller.cache.decode_seconds
         self.report.states.append(record)
         # Optimizer state only exists after the first optimizer step: a state opened before it is measured then.
-        self._cost_pending = self.freeze_args.cost_report and self._probe is not None
+        self._cost_pending = self.freeze_args.cost_report and self._cost_batch is not None
         if self._cost_pending and state.global_step > 0:
             self._measure(record, optimizer)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def _measure(self, record: FreezeStateRecord, optimizer: torch.optim.Optimizer | None) -> None:
-        record.cost = measure_step_cost(self._model, self._probe, optimizer).to_dict()
+        discarded = self.discard_controller.prefix.prefix_tensors() if self.discard_controller else []
+        record.cost = measure_step_cost(self._model, self._cost_batch, optimizer, exclude=discarded).to_dict()
         self._cost_pending = False
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # the measurement's own replica is not training memory
 
     def _close_state(self) -> None:
-        if self.report and self.report.states and torch.cuda.is_available():
-            self.report.states[-1].peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+        if not (self.report and self.report.states):
+            return
+        record = self.report.states[-1]
+        if torch.cuda.is_available():
+            record.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
+        controller = self.discard_controller
+        if controller is not None and controller.cache is not None and record.discarded_prefix:
+            # DataLoader workers decode in their own processes, out of this counter's sight.
+            workers = self._dataloader_workers
+            spent = controller.cache.decode_seconds - self._decode_seconds_at_open
+            record.decode_seconds = None if workers else (record.decode_seconds or 0.0) + spent
+            self._decode_seconds_at_open = controller.cache.decode_seconds
+
+    def _cache_probe(self, position: int) -> dict[str, torch.Tensor] | None:
+        """The probe batch as the model sees it after discarding at `position` (computed while the prefix is
+        still on the training device)."""
+        if self._probe is None:
+            return None
+        with torch.no_grad(), self.discard_controller.prefix.restored():
+            activations = self.engine.adapter.prefix(self._probe["pixel_values"], position)
+        return {ACTIVATIONS_KEY: activations, "labels": self._probe["labels"]}
 
 
 def _dataset_size(dataloader, state: TrainerState, args: TrainingArguments) -> int:

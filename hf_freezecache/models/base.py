@@ -25,6 +25,8 @@ class BlockAdapter(ABC):
     """
 
     family: ClassVar[str] = ""
+    #: Tokens before the patch grid in a transformer's hidden states (CLS, distillation, registers); 0 for CNNs.
+    num_special_tokens: int = 0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

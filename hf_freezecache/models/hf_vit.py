@@ -84,6 +84,7 @@ class HFViTAdapter(_HFViTStyleAdapter):
 
     family = "hf-vit"
     model: ViTForImageClassification
+    num_special_tokens = 1
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -108,6 +109,7 @@ class HFDeiTAdapter(_HFViTStyleAdapter):
 
     family = "hf-deit"
     model: DeiTForImageClassification | DeiTForImageClassificationWithTeacher
+    num_special_tokens = 2
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -42,6 +42,10 @@ class TimmViTAdapter(BlockAdapter):
     def blocks(self) -> list[nn.Module]:
         return list(self.model.blocks)
 
+    @property
+    def num_special_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
     def stem_modules(self) -> list[nn.Module]:
         return [self.model.patch_embed, self.model.pos_drop, self.model.patch_drop, self.model.norm_pre]
 

@@ -1,0 +1,141 @@
+"""`feature-maps`: flip, crop, blur and noise of cached CNN feature maps, the "Ours w/ Discard" recipe of the paper."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import register_augmentation
+from .base import FeatureAugmentation, check_activations, check_range
+
+
+@register_augmentation("feature-maps")
+class FeatureMapAugmentation(FeatureAugmentation):
+    """Image-style augmentation applied to `(B, C, H, W)` feature maps, in the order flip, crop, blur, noise.
+
+    Every step draws independently per sample. Blur comes before noise so that `noise_std` is the standard deviation
+    of the noise that actually reaches the model.
+
+    Similarity-aware channel augmentation (storing the activations of flipped inputs for the channels whose
+    response to a flip is not a flip of the map) plugs in by overriding `flip_maps`, which receives the sidecar.
+
+    Args:
+        flip (`bool`, *optional*, defaults to `True`):
+            Flip each sample along W with probability 0.5.
+        crop_padding (`float`, *optional*, defaults to 0.125):
+            Random crop with zero padding, as a fraction of the map side in [0, 0.5]: `round(crop_padding * H)` zero
+            rows (resp. `round(crop_padding * W)` columns, Python's round) are added on every side, then each sample
+            keeps a random `H x W` window. This is `RandomCrop(32, padding=4)` scaled to the map (0.125 * 32 = 4);
+            an 8 x 8 map gets 1. 0 disables it.
+        noise_std (`float`, *optional*, defaults to 0.0):
+            Standard deviation of additive Gaussian noise, in activation units (so its strength depends on the scale
+            of the cached layer's outputs). 0 disables it.
+        blur_sigma (`float`, *optional*, defaults to 0.0):
+            Standard deviation, in map cells, of a depthwise Gaussian blur over H and W with kernel size
+            `2 * ceil(2 * sigma) + 1` and reflect padding (a constant map stays constant up to its borders). The map
+            sides must exceed `ceil(2 * sigma)`. 0 disables it.
+        blur_probability (`float`, *optional*, defaults to 0.5):
+            Probability, per sample, of blurring when `blur_sigma > 0`.
+    """
+
+    name = "feature-maps"
+
+    def __init__(
+        self,
+        flip: bool = True,
+        crop_padding: float = 0.125,
+        noise_std: float = 0.0,
+        blur_sigma: float = 0.0,
+        blur_probability: float = 0.5,
+    ) -> None:
+        if not isinstance(flip, bool):
+            raise ValueError(f"flip={flip!r} must be True or False.")
+        self.flip = flip
+        self.crop_padding = check_range("crop_padding", crop_padding, 0.0, 0.5)
+        self.noise_std = check_range("noise_std", noise_std, 0.0)
+        self.blur_sigma = check_range("blur_sigma", blur_sigma, 0.0)
+        self.blur_probability = check_range("blur_probability", blur_probability, 0.0, 1.0)
+
+    def __call__(
+        self,
+        activations: torch.Tensor,
+        sidecar: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_activations(activations, 4, "(B, C, H, W) feature-map", "tokens")
+        batch, device = activations.shape[0], activations.device
+        out = activations
+        if self.flip:
+            flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+            out = self.flip_maps(out, flipped, sidecar)
+        if self.crop_padding > 0:
+            out = self._crop(out, generator)
+        if self.blur_sigma > 0 and self.blur_probability > 0:
+            blurred = torch.rand(batch, generator=generator, device=device) < self.blur_probability
+            indices = blurred.nonzero().squeeze(1)
+            out = out.index_copy(0, indices, self._blur(out.index_select(0, indices)))
+        if self.noise_std > 0:
+            noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=device)
+            out = out + self.noise_std * noise
+        return out
+
+    def flip_maps(
+        self, maps: torch.Tensor, flipped: torch.Tensor, sidecar: Mapping[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Flips along W the samples where the `(B,)` boolean mask `flipped` is set.
+
+        Override to use stored activations of flipped inputs from `sidecar` (ignored here).
+        """
+        return torch.where(flipped[:, None, None, None], maps.flip(-1), maps)
+
+    def _crop(self, maps: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        batch, channels, height, width = maps.shape
+        pad_h, pad_w = round(self.crop_padding * height), round(self.crop_padding * width)
+        if pad_h == 0 and pad_w == 0:
+            return maps
+        padded = F.pad(maps, (pad_w, pad_w, pad_h, pad_h))
+        top = torch.randint(0, 2 * pad_h + 1, (batch, 1), generator=generator, device=maps.device)
+        left = torch.randint(0, 2 * pad_w + 1, (batch, 1), generator=generator, device=maps.device)
+        rows = top + torch.arange(height, device=maps.device)
+        cols = left + torch.arange(width, device=maps.device)
+        # Two gathers select each sample's window without a Python loop over the batch.
+        padded = padded.gather(2, rows[:, None, :, None].expand(batch, channels, height, width + 2 * pad_w))
+        return padded.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
+
+    def _blur(self, maps: torch.Tensor) -> torch.Tensor:
+        if maps.shape[0] == 0:
+            return maps
+        radius = math.ceil(2 * self.blur_sigma)
+        height, width = maps.shape[-2:]
+        if radius >= min(height, width):
+            raise ValueError(
+                f"blur_sigma={self.blur_sigma} needs a kernel of radius {radius}, which reflect padding cannot fit on "
+                f"{height} x {width} maps: use blur_sigma < {min(height, width) / 2}."
+            )
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+        kernel = torch.exp(-(offsets**2) / (2 * self.blur_sigma**2))
+        kernel = (kernel / kernel.sum()).to(maps.dtype)
+        # The 2-D Gaussian is separable: one pass along H then one along W, every channel on its own.
+        flat = maps.reshape(-1, 1, height, width)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        return flat.view_as(maps)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "flip": self.flip,
+            "crop_padding": self.crop_padding,
+            "noise_std": self.noise_std,
+            "blur_sigma": self.blur_sigma,
+            "blur_probability": self.blur_probability,
+        }
+
+    def describe(self) -> str:
+        parts = ["flip" if self.flip else "no flip", f"crop {self.crop_padding:g}", f"noise {self.noise_std:g}"]
+        if self.blur_sigma > 0:
+            parts.append(f"blur {self.blur_sigma:g} p={self.blur_probability:g}")
+        return f"{self.name}({', '.join(parts)})"

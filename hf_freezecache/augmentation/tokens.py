@@ -1,0 +1,82 @@
+"""`tokens`: noise and patch-token dropout for cached transformer tokens (ViT, DeiT)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import register_augmentation
+from .base import FeatureAugmentation, check_activations, check_range
+
+
+@register_augmentation("tokens")
+class TokenAugmentation(FeatureAugmentation):
+    """Augmentation of `(B, T, D)` token sequences: special tokens first, then the patch tokens.
+
+    Flips and crops of the token order mean nothing here: the positional embeddings are already added and attention
+    is permutation-equivariant, so the options are noise and patch-token dropout. Dropout changes T, so use it only
+    when the remaining blocks accept any token count (plain ViT / DeiT encoders, not models that reshape the tokens
+    back to a grid).
+
+    Args:
+        noise_std (`float`, *optional*, defaults to 0.0):
+            Standard deviation of Gaussian noise added to every token, special ones included, in activation units.
+            0 disables it.
+        drop_rate (`float`, *optional*, defaults to 0.0):
+            Fraction in [0, 1) of the patch tokens to drop: `round(drop_rate * num_patch_tokens)` (Python's round)
+            per sample, the same count for every sample so the batch stays rectangular but different tokens. The
+            special tokens stay first and the kept patch tokens keep their order. 0 disables it.
+        num_special_tokens (`int`, *optional*, defaults to 1):
+            Tokens before the patch grid that are never dropped: 1 for ViT's CLS token, 2 for DeiT's CLS and
+            distillation tokens.
+    """
+
+    name = "tokens"
+
+    def __init__(self, noise_std: float = 0.0, drop_rate: float = 0.0, num_special_tokens: int = 1) -> None:
+        self.noise_std = check_range("noise_std", noise_std, 0.0)
+        self.drop_rate = check_range("drop_rate", drop_rate, 0.0, 1.0, high_inclusive=False)
+        if isinstance(num_special_tokens, bool) or not isinstance(num_special_tokens, int) or num_special_tokens < 0:
+            raise ValueError(f"num_special_tokens={num_special_tokens!r} must be an integer >= 0.")
+        self.num_special_tokens = num_special_tokens
+
+    def __call__(
+        self,
+        activations: torch.Tensor,
+        sidecar: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        check_activations(activations, 3, "(B, T, D) token", "feature-maps")
+        batch, num_tokens, dim = activations.shape
+        num_patches = num_tokens - self.num_special_tokens
+        if num_patches < 0:
+            raise ValueError(
+                f"Got {num_tokens} tokens per sample, fewer than num_special_tokens={self.num_special_tokens}."
+            )
+        out = activations
+        num_dropped = round(self.drop_rate * num_patches)
+        if num_dropped > 0:
+            scores = torch.rand(batch, num_patches, generator=generator, device=activations.device)
+            # Sorting the kept indices restores the original order of the surviving tokens.
+            kept = scores.argsort(dim=1)[:, : num_patches - num_dropped].sort(dim=1).values + self.num_special_tokens
+            patches = out.gather(1, kept[:, :, None].expand(-1, -1, dim))
+            out = torch.cat([out[:, : self.num_special_tokens], patches], dim=1)
+        if self.noise_std > 0:
+            noise = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+            out = out + self.noise_std * noise
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "noise_std": self.noise_std,
+            "drop_rate": self.drop_rate,
+            "num_special_tokens": self.num_special_tokens,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}(noise {self.noise_std:g}, drop {self.drop_rate:g}, "
+            f"{self.num_special_tokens} special token{'s' if self.num_special_tokens != 1 else ''})"
+        )

@@ -1,0 +1,37 @@
+"""Activation caches: codecs, shards on disk, and the reader that trains from them.
+
+Data flows one way: `builder` runs the frozen prefix over images and encodes chunks with a `codecs` codec into
+`datasets` shards described by a `manifest`; `reader` verifies and decodes them; `sampler` orders samples so each
+chunk is decoded once per epoch.
+"""
+
+from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds
+from .codecs import CODECS, ActivationCodec, build_codec, register_codec
+from .manifest import (
+    CacheManifest,
+    CacheMismatchError,
+    CorruptCacheError,
+    dataset_fingerprint,
+    fingerprint_parts,
+)
+from .reader import ActivationCache, CachedActivationDataset
+from .sampler import ChunkShuffleSampler
+
+__all__ = [
+    "CODECS",
+    "ActivationCache",
+    "ActivationCodec",
+    "CacheManifest",
+    "CacheMismatchError",
+    "CachedActivationDataset",
+    "ChunkShuffleSampler",
+    "CorruptCacheError",
+    "build_activation_cache",
+    "build_codec",
+    "check_destination",
+    "dataset_fingerprint",
+    "fingerprint_parts",
+    "prefix_in_eval",
+    "register_codec",
+    "remove_partial_builds",
+]

@@ -1,0 +1,124 @@
+"""`FreezeCacheTrainer`: a `Trainer` that freezes progressively and can train the suffix from cached activations."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+from transformers import Trainer, TrainingArguments
+
+from ..cache import ChunkShuffleSampler
+from ..config import FreezeCacheArguments
+from .discard import DiscardableTrainDataset, DiscardController, FreezeCacheCollator
+from .trainer_callback import FreezeCacheCallback
+
+logger = logging.getLogger(__name__)
+
+
+class FreezeCacheTrainer(Trainer):
+    """`transformers.Trainer` with `FreezeCacheCallback` built in and, with `--discard true`, frozen-prefix discarding.
+
+    A callback cannot replace the Trainer's dataloader or the model's forward (transformers #25924), so discarding
+    needs this small subclass. What it changes, and nothing else:
+
+    - the training dataset is wrapped in a `DiscardableTrainDataset` whose source switches from images to the
+      activation cache at an epoch boundary; it keeps the number of samples, so steps, schedules, the optimizer and
+      resumption continue exactly as without discarding;
+    - the training sampler is a `ChunkShuffleSampler` (a plain seeded permutation while reading images, chunk-aware
+      shuffling while reading a cache), seeded by `data_seed` or `seed` and the epoch;
+    - the collator handles cached-activation batches and applies the feature augmentation;
+    - the model's forward accepts `prefix_activations` (see `DiscardedPrefix`), and `evaluate`/`predict` bring a
+      discarded prefix back so evaluation measures the whole model on raw images.
+
+    The final model (`save_model`) is the whole model. Without `--discard` it behaves as `Trainer` plus the callback,
+    with the seeded sampler.
+
+    Args:
+        model (`nn.Module`): The model (a `model_init` is not supported).
+        args (`TrainingArguments`): As for `Trainer`.
+        data_collator (`Callable`, *optional*): Collator of image batches.
+        train_dataset (`Dataset`): Training images (with their random augmentation).
+        eval_dataset (`Dataset`, *optional*): As for `Trainer`.
+        freeze_args (`FreezeCacheArguments` or `dict`, *optional*): hf_freezecache options.
+        cache_dataset (`Dataset`, *optional*): The training images preprocessed *without* random augmentation, same
+            samples in the same order: what the prefix runs over to build a cache. Defaults to `train_dataset`
+            (right only when it has no random augmentation).
+        callbacks, **kwargs: As for `Trainer`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        *,
+        freeze_args: FreezeCacheArguments | dict | None = None,
+        cache_dataset: Dataset | None = None,
+        callbacks: list | None = None,
+        **kwargs,
+    ) -> None:
+        if model is None:
+            raise ValueError("FreezeCacheTrainer needs `model` (model_init is not supported).")
+        if isinstance(freeze_args, dict):
+            freeze_args = FreezeCacheArguments(**freeze_args)
+        self.freeze_args = freeze_args or FreezeCacheArguments()
+        self.freeze_callback = FreezeCacheCallback(self.freeze_args, model=model)
+        self.discard_controller: DiscardController | None = None
+        if self.freeze_args.discard:
+            if args is None or train_dataset is None:
+                raise ValueError("--discard true needs `args` and `train_dataset`.")
+            if args.dataloader_persistent_workers:
+                raise ValueError(
+                    "--discard true cannot switch the data source of persistent DataLoader workers: set "
+                    "--dataloader_persistent_workers false."
+                )
+            if args.remove_unused_columns:
+                logger.info("Setting remove_unused_columns=False: batches of cached activations are model inputs.")
+                args.remove_unused_columns = False
+            if cache_dataset is None:
+                logger.warning(
+                    "No cache_dataset given: the cache is built from train_dataset. If it applies random "
+                    "augmentation, one random version of each image is cached; pass the un-augmented split."
+                )
+            train_dataset = DiscardableTrainDataset(train_dataset)
+            data_collator = FreezeCacheCollator(data_collator)
+            self.discard_controller = DiscardController(
+                model,
+                self.freeze_callback.engine.adapter,
+                self.freeze_args,
+                train_dataset,
+                data_collator,
+                cache_dataset if cache_dataset is not None else train_dataset.images,
+            )
+            self.freeze_callback.discard_controller = self.discard_controller
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[*(callbacks or []), self.freeze_callback],
+            **kwargs,
+        )
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return ChunkShuffleSampler(dataset, self.args.per_device_train_batch_size, seed=seed)
+
+    def _whole_model(self) -> contextlib.AbstractContextManager:
+        return self.discard_controller.prefix.restored() if self.discard_controller else contextlib.nullcontext()
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        with self._whole_model():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._whole_model():
+            return super().predict(*args, **kwargs)
