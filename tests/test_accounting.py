@@ -55,4 +55,4 @@ def test_report_totals_follow_appendix_a1():
     assert report.average_memory_bytes == pytest.approx((900 * 2 + 600 + 300) / 4)
     assert report.minimum_memory_bytes == 300
     assert CostReport.from_dict(report.to_dict()).to_dict() == report.to_dict()
-    assert "| 0-1 | 1.00 |" in report.to_markdown()
+    assert "| 0-1 | none | 1.00 |" in report.to_markdown()
