@@ -196,7 +196,7 @@ class DiscardController:
         return {
             "position": position,
             "folder": folder,
-            "codec": build_codec(m.codec).__repr__(),
+            "codec": repr(cache.codec),
             "chunk_size": m.chunk_size,
             "raw_bytes": m.raw_bytes,
             "stored_bytes": m.stored_bytes,
