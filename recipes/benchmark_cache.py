@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from hf_freezecache import FreezeCacheArguments
 from hf_freezecache.augmentation import build_feature_augmentation
 from hf_freezecache.cache import (
     ActivationCache,
@@ -40,10 +41,6 @@ from hf_freezecache.integrations import FreezeCacheCollator
 from hf_freezecache.models import build_model, get_block_adapter
 
 SHARED_RESNET20 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "resnet-cifar10")
-
-
-def _codec_config(name: str, tolerance: float) -> dict:
-    return {"name": "zfp", "tolerance": tolerance, "relative": True} if name == "zfp" else {"name": name}
 
 
 def _train_epoch(model, batches, optimizer, steps: int | None = None) -> tuple[float, int]:
@@ -100,7 +97,7 @@ def overhead(args: argparse.Namespace) -> dict:
     DiscardedPrefix(model, adapter).discard(args.position)
     dataset_hash = dataset_fingerprint(data.train_unaugmented)
     for name in args.codecs.split(","):
-        config = _codec_config(name, args.tolerance)
+        config = FreezeCacheArguments(cache_codec=name, cache_tolerance=args.tolerance).codec_config()
         folder = os.path.join(args.output_dir, f"cache-{name}-k{args.chunk_size}")
         parts = fingerprint_parts(adapter, args.position, dataset_hash, config, args.chunk_size)
         try:

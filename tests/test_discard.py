@@ -180,7 +180,7 @@ def test_each_chunk_decoded_once_per_epoch(data, tmp_path):
             assert sorted(seen) == sorted(cache.labels.tolist())
 
 
-def test_chunk_shuffle_sampler_order(data):
+def test_chunk_shuffle_sampler_order():
     class Sized:
         def __init__(self, n, k):
             self.n, self.chunk_size = n, k

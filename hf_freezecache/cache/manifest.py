@@ -105,7 +105,7 @@ class CacheManifest:
             "---\ntags:\n- hf_freezecache\n- activation-cache\n---\n\n"
             f"# Activation cache: {self.model_class} ({self.model_family}) at block position {self.position}\n\n"
             "Outputs of the frozen prefix of a model, compressed, written by "
-            "[hf_freezecache](https://github.com/hf-freezecache/hf_freezecache) so that training can continue on "
+            "hf_freezecache so that training can continue on "
             "the remaining blocks without running the prefix again. Load it with "
             "`hf_freezecache.cache.ActivationCache.load(folder)`; `datasets.load_from_disk(folder)` shows the "
             "rows.\n\n"

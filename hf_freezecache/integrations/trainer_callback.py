@@ -222,7 +222,6 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                 )
             self._cost_batch = self._cache_probe(position)
             self.discard_controller.discard(position, args, self._probe)  # reuses the cache, or rebuilds it
-            self._decode_seconds_at_open = 0.0
         logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
 
     def _progress(self, state: TrainerState) -> TrainingProgress:
