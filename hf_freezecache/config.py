@@ -127,7 +127,9 @@ class FreezeCacheArguments:
             "transformer tokens), 'feature-maps', 'tokens' or 'none'."
         },
     )
-    feature_flip: bool = field(default=True, metadata={"help": "Feature maps: random horizontal flip."})
+    feature_flip_probability: float = field(
+        default=0.5, metadata={"help": "Feature maps: probability of a horizontal flip per sample (0: off)."}
+    )
     feature_crop_padding: float = field(
         default=0.125,
         metadata={"help": "Feature maps: random crop after zero padding of this fraction of the map side (0: off)."},
@@ -143,6 +145,35 @@ class FreezeCacheArguments:
     )
     token_drop_rate: float = field(
         default=0.0, metadata={"help": "Tokens: fraction of patch tokens dropped per sample (0: off)."}
+    )
+    channel_aug_gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "CNN caches: similarity-aware channel augmentation. Fraction of the channels (those whose "
+            "response to a flipped image is least like a flipped map, by SSIM) whose flipped-image activations are "
+            "cached and replace the flipped map when a sample is flipped. 0: plain discard."
+        },
+    )
+    channel_aug_calibration_size: int = field(
+        default=512, metadata={"help": "Training images the per-channel SSIM is averaged over to select channels."}
+    )
+    token_aug_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "ViT/DeiT caches: token replacement. Fraction of the patch tokens of an augmented view (the "
+            "training image augmentation) cached per sample: those least similar to their best match among the "
+            "original tokens. 0: plain discard."
+        },
+    )
+    token_aug_matching: str = field(
+        default="max",
+        metadata={
+            "help": "Token replacement: match each original token to the augmented token of 'max' (highest, the "
+            "paper's text) or 'min' (lowest, the paper's Algorithm 1) cosine similarity."
+        },
+    )
+    token_aug_probability: float = field(
+        default=0.5, metadata={"help": "Token replacement: probability per sample that the stored tokens replace."}
     )
 
     def __post_init__(self) -> None:
@@ -192,6 +223,37 @@ class FreezeCacheArguments:
             )
         for layout in ("feature-maps", "tokens"):  # the augmentations validate their own ranges
             build_feature_augmentation(layout, **self.augmentation_options(layout))
+        self._check_sidecar_arguments()
+
+    def _check_sidecar_arguments(self) -> None:
+        for name, value in (("channel_aug_gamma", self.channel_aug_gamma), ("token_aug_alpha", self.token_aug_alpha)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {value}.")
+        if self.channel_aug_calibration_size < 1:
+            raise ValueError(
+                f"--channel_aug_calibration_size must be at least 1, got {self.channel_aug_calibration_size}."
+            )
+        if self.token_aug_matching not in ("max", "min"):
+            raise ValueError(f"--token_aug_matching must be 'max' or 'min', got {self.token_aug_matching!r}.")
+        for name, value, layout in (
+            ("channel_aug_gamma", self.channel_aug_gamma, "feature-maps"),
+            ("token_aug_alpha", self.token_aug_alpha, "tokens"),
+        ):
+            if value == 0:
+                continue
+            if not self.discard:
+                raise ValueError(f"--{name} augments cached activations: it needs --discard true.")
+            if self.feature_augmentation not in ("auto", layout):
+                raise ValueError(
+                    f"--{name} {value} is used by the {layout!r} feature augmentation, but --feature_augmentation is "
+                    f"{self.feature_augmentation!r}: use 'auto' or {layout!r}."
+                )
+        if self.channel_aug_gamma > 0 and self.feature_flip_probability == 0:
+            raise ValueError(
+                "--channel_aug_gamma replaces channels of flipped maps: it needs --feature_flip_probability > 0."
+            )
+        if self.token_aug_alpha > 0 and self.token_aug_probability == 0:
+            raise ValueError("--token_aug_alpha stores tokens for replacement: it needs --token_aug_probability > 0.")
 
     def parsed_discard_positions(self) -> list[int] | None:
         """`--discard_positions` as a sorted list of ints (None: discard whenever the frozen prefix grows)."""
@@ -217,9 +279,13 @@ class FreezeCacheArguments:
     def augmentation_options(self, layout: str) -> dict:
         """Keyword options of the built-in augmentation for `layout` ('feature-maps' or 'tokens')."""
         if layout == "tokens":
-            return {"noise_std": self.feature_noise_std, "drop_rate": self.token_drop_rate}
+            return {
+                "noise_std": self.feature_noise_std,
+                "drop_rate": self.token_drop_rate,
+                "replace_probability": self.token_aug_probability,
+            }
         return {
-            "flip": self.feature_flip,
+            "flip_probability": self.feature_flip_probability,
             "crop_padding": self.feature_crop_padding,
             "noise_std": self.feature_noise_std,
             "blur_sigma": self.feature_blur_sigma,

@@ -81,7 +81,7 @@ def overhead(args: argparse.Namespace) -> dict:
     engine = FreezingEngine(adapter)
     engine.freeze(range(args.position))
     n = len(data.train)
-    augmentation = build_feature_augmentation("feature-maps", flip=True, crop_padding=0.125)
+    augmentation = build_feature_augmentation("feature-maps", flip_probability=0.5, crop_padding=0.125)
 
     def fresh_optimizer():
         return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)

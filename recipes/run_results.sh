@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# Runs the comparisons of docs/results.md (CPU): CIFAR ResNet-20 from scratch on a 10k CIFAR-10 subset, and the
-# shared pretrained ResNet-20 fine-tuned on Fashion-MNIST.
-#   bash recipes/run_results.sh scratch|finetune OUT_DIR [RUN ...]
+# Runs the comparisons of docs/results.md (CPU): CIFAR ResNet-20 from scratch on a 10k CIFAR-10 subset, the shared
+# pretrained ResNet-20 fine-tuned on Fashion-MNIST, and a CPU-sized DeiT-Tiny (32x32 input, patch 4, width 192,
+# 12 blocks) from scratch on a 3k CIFAR-10 subset.
+#   bash recipes/run_results.sh scratch|finetune|vit OUT_DIR [RUN ...]
 # RUN is one of none, freezeout, fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
-# activations cached with the default codec); default: none freezeout fixed.
+# activations cached with the default codec), fixed-channel-G (fixed-discard plus similarity-aware channel
+# augmentation with gamma G, e.g. fixed-channel-0.1; CNNs), fixed-token-A / fixed-token-min-A (fixed-discard plus
+# token replacement with alpha A, matching by highest / lowest cosine similarity; ViTs); default: none freezeout
+# fixed. SEED (default 0) sets --seed.
 # Each run uses one thread (pin it to a core with taskset for stable wall times).
 set -euo pipefail
 which=$1; out=$2; shift 2
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(none freezeout fixed)
 shared=${SHARED:-../shared}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-common=(--per_device_train_batch_size 128 --per_device_eval_batch_size 500 --optim sgd --optim_args momentum=0.9
-        --lr_scheduler_type cosine --eval_strategy no --save_strategy no --logging_steps 20 --seed 0
-        --dataloader_num_workers 0 --report_to none --disable_tqdm true)
+common=(--per_device_train_batch_size 128 --per_device_eval_batch_size 500 --lr_scheduler_type cosine
+        --eval_strategy no --save_strategy no --logging_steps 20 --dataloader_num_workers 0 --report_to none --disable_tqdm true --seed "${SEED:-0}")
+sgd=(--optim sgd --optim_args momentum=0.9)
 if [ "$which" = scratch ]; then
-  args=(--model resnet20 --dataset_name "$shared/data/cifar10" --max_train_samples 10000
+  args=(--model resnet20 --dataset_name "$shared/data/cifar10" --max_train_samples 10000 "${sgd[@]}"
         --num_train_epochs 15 --learning_rate 0.1 --weight_decay 5e-4)
   fixed="5:3,10:6"
+elif [ "$which" = vit ]; then
+  args=(--model timm:deit_tiny_patch16_224 --timm_kwargs '{"img_size": 32, "patch_size": 4}'
+        --dataset_name "$shared/data/cifar10" --max_train_samples 3000 --num_train_epochs 6
+        --optim adamw_torch --learning_rate 1e-3 --weight_decay 0.05 --warmup_steps 0.1)
+  fixed="2:4,4:8"
 else
-  args=(--model resnet20 --pretrained_weights "$shared/models/resnet-cifar10/resnet20-12fca82f.th"
+  args=(--model resnet20 --pretrained_weights "$shared/models/resnet-cifar10/resnet20-12fca82f.th" "${sgd[@]}"
         --dataset_name "$shared/data/fashion_mnist" --max_train_samples 10000
         --num_train_epochs 5 --learning_rate 0.01 --weight_decay 5e-4)
   fixed="1:3,3:6"
@@ -28,7 +37,14 @@ for run in "${runs[@]}"; do
     none|freezeout) extra=(--freeze_policy "$run") ;;
     fixed) extra=(--freeze_policy fixed --freeze_schedule "$fixed") ;;
     fixed-discard) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1) ;;
-    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard)" >&2; exit 2 ;;
+    fixed-channel-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
+                            --channel_aug_gamma "${run#fixed-channel-}") ;;
+    fixed-token-min-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
+                              --token_aug_alpha "${run#fixed-token-min-}" --token_aug_matching min) ;;
+    fixed-token-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
+                          --token_aug_alpha "${run#fixed-token-}") ;;
+    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A)" >&2
+       exit 2 ;;
   esac
   rm -rf "$out/$which-$run"
   python recipes/train_image_classifier.py "${args[@]}" "${common[@]}" "${extra[@]}" \

@@ -12,6 +12,7 @@ An existing checkpoint in `--output_dir` is resumed from.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -42,6 +43,13 @@ class ModelArguments:
         metadata={
             "help": "Checkpoint for a CIFAR ResNet (pytorch_resnet_cifar10 layout, e.g. "
             "../shared/models/resnet-cifar10/resnet20-12fca82f.th) or a timm model."
+        },
+    )
+    timm_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of timm.create_model keyword arguments for a 'timm:' model, e.g. "
+            '\'{"img_size": 32, "patch_size": 4}\' for a 32x32 DeiT-Tiny (timm:deit_tiny_patch16_224).'
         },
     )
 
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         image_size=data_args.image_size,
         augment=data_args.augment,
     )
-    model = build_model(model_args.model, data.num_labels, model_args.pretrained_weights)
+    timm_kwargs = json.loads(model_args.timm_kwargs) if model_args.timm_kwargs else None
+    model = build_model(model_args.model, data.num_labels, model_args.pretrained_weights, timm_kwargs)
     trainer = FreezeCacheTrainer(
         model=model,
         args=training_args,

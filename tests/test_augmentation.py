@@ -31,7 +31,7 @@ def _shift(sample, dy, dx, pad=1):
 
 def test_flip_only_gives_each_sample_or_its_mirror_about_half_the_time():
     maps = _maps()
-    out = FeatureMapAugmentation(flip=True, crop_padding=0.0)(maps, generator=_generator())
+    out = FeatureMapAugmentation(crop_padding=0.0)(maps, generator=_generator())
     assert out.shape == maps.shape and out.dtype == maps.dtype and out.device == maps.device
     same = (out == maps).flatten(1).all(1)
     mirrored = (out == maps.flip(-1)).flatten(1).all(1)
@@ -41,7 +41,7 @@ def test_flip_only_gives_each_sample_or_its_mirror_about_half_the_time():
 
 def test_crop_shifts_each_sample_by_at_most_the_padding_with_zeros_filling_in():
     maps = _maps()
-    out = FeatureMapAugmentation(flip=False, crop_padding=0.125)(maps, generator=_generator())
+    out = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.125)(maps, generator=_generator())
     assert out.shape == maps.shape
     offsets = []
     for sample, result in zip(maps, out, strict=True):
@@ -54,48 +54,49 @@ def test_crop_shifts_each_sample_by_at_most_the_padding_with_zeros_filling_in():
 
 def test_crop_padding_scales_with_the_map_and_zero_disables_it():
     maps = _maps(batch=64, size=16)  # 0.125 * 16 = 2 rows and columns of padding
-    out = FeatureMapAugmentation(flip=False, crop_padding=0.125)(maps, generator=_generator())
+    out = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.125)(maps, generator=_generator())
     for sample, result in zip(maps, out, strict=True):
         assert any(torch.equal(_shift(sample, dy, dx, pad=2), result) for dy in range(-2, 3) for dx in range(-2, 3))
     assert not torch.equal(out, maps)
-    assert torch.equal(FeatureMapAugmentation(flip=False, crop_padding=0.0)(maps, generator=_generator()), maps)
+    identity = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0)
+    assert torch.equal(identity(maps, generator=_generator()), maps)
 
 
 def test_all_options_off_is_the_exact_identity():
     maps = _maps(batch=8)
-    augmentation = FeatureMapAugmentation(flip=False, crop_padding=0.0, noise_std=0.0, blur_sigma=0.0)
+    augmentation = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, noise_std=0.0, blur_sigma=0.0)
     assert torch.equal(augmentation(maps), maps)
     assert NoAugmentation()(maps) is maps
 
 
 def test_noise_has_the_requested_standard_deviation():
     maps = torch.randn(64, 16, 16, 16)
-    out = FeatureMapAugmentation(flip=False, crop_padding=0.0, noise_std=0.3)(maps, generator=_generator())
+    out = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, noise_std=0.3)(maps, generator=_generator())
     difference = out - maps
     assert difference.std().item() == pytest.approx(0.3, rel=0.1)
     assert abs(difference.mean().item()) < 0.01
 
 
 def test_blur_keeps_a_constant_map_constant_and_smooths_a_random_one():
-    blur = FeatureMapAugmentation(flip=False, crop_padding=0.0, blur_sigma=1.0, blur_probability=1.0)
+    blur = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, blur_sigma=1.0, blur_probability=1.0)
     constant = torch.full((4, 3, 8, 8), 2.5)
     # Reflect padding: the borders stay constant too, not only the interior.
     torch.testing.assert_close(blur(constant, generator=_generator()), constant)
     noise = torch.randn(16, 3, 16, 16)
     assert blur(noise, generator=_generator()).var().item() < 0.5 * noise.var().item()
-    never = FeatureMapAugmentation(flip=False, crop_padding=0.0, blur_sigma=1.0, blur_probability=0.0)
+    never = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, blur_sigma=1.0, blur_probability=0.0)
     assert torch.equal(never(noise, generator=_generator()), noise)
 
 
 def test_blur_probability_blurs_a_subset_of_the_samples():
     noise = torch.randn(256, 2, 8, 8)
-    half = FeatureMapAugmentation(flip=False, crop_padding=0.0, blur_sigma=0.5, blur_probability=0.5)
+    half = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, blur_sigma=0.5, blur_probability=0.5)
     changed = (half(noise, generator=_generator()) != noise).flatten(1).any(1)
     assert 0.3 < changed.float().mean().item() < 0.7
 
 
 def test_blur_too_wide_for_the_map_is_rejected():
-    blur = FeatureMapAugmentation(flip=False, crop_padding=0.0, blur_sigma=2.0, blur_probability=1.0)
+    blur = FeatureMapAugmentation(flip_probability=0.0, crop_padding=0.0, blur_sigma=2.0, blur_probability=1.0)
     with pytest.raises(ValueError, match="blur_sigma=2.0.*4 x 4"):
         blur(torch.randn(2, 3, 4, 4))
 
@@ -112,20 +113,17 @@ def test_generator_seeds_make_batches_reproducible():
     assert torch.equal(global_first, augmentation(maps))
 
 
-def test_flip_maps_is_the_hook_that_receives_the_sidecar():
-    class ReplaceChannelZero(FeatureMapAugmentation):
-        def flip_maps(self, maps, flipped, sidecar):
-            out = super().flip_maps(maps, flipped, sidecar)
-            out[flipped, 0] = sidecar["flipped_channels"][flipped, 0]
-            return out
-
-    maps = _maps(batch=64)
-    stored = torch.full((64, 1, 8, 8), -1.0)
-    out = ReplaceChannelZero(crop_padding=0.0)(maps, sidecar={"flipped_channels": stored}, generator=_generator())
-    flipped = (out[:, 1:] == maps[:, 1:].flip(-1)).flatten(1).all(1)
+def test_flipped_samples_take_the_stored_flipped_channels_and_the_others_stay_untouched():
+    maps = _maps(batch=64, channels=4)
+    stored = torch.full((64, 2, 8, 8), -1.0)
+    augmentation = FeatureMapAugmentation(crop_padding=0.0, flipped_channels=[0, 2])
+    out = augmentation(maps, sidecar={"flipped_channels": stored}, generator=_generator())
+    flipped = (out[:, [1, 3]] == maps[:, [1, 3]].flip(-1)).flatten(1).all(1)
     assert bool(flipped.any()) and not bool(flipped.all())
-    assert bool((out[flipped, 0] == -1).all())
+    assert bool((out[flipped][:, [0, 2]] == -1).all())
     assert torch.equal(out[~flipped], maps[~flipped])
+    with pytest.raises(ValueError, match=r"sidecar 'flipped_channels' of shape \(64, 2, 8, 8\), got none"):
+        augmentation(maps, generator=_generator())
 
 
 def test_feature_maps_reject_other_ranks_and_non_float_activations():
@@ -144,7 +142,9 @@ def test_feature_maps_reject_other_ranks_and_non_float_activations():
         ({"noise_std": float("nan")}, r"noise_std=nan"),
         ({"blur_sigma": -0.5}, r"blur_sigma=-0.5 .*>= 0"),
         ({"blur_probability": 1.5}, r"blur_probability=1.5 .*\[0, 1\]"),
-        ({"flip": "yes"}, r"flip='yes'"),
+        ({"flip_probability": 1.5}, r"flip_probability=1.5 .*\[0, 1\]"),
+        ({"flipped_channels": []}, r"flipped_channels=\[\] must be a non-empty list"),
+        ({"flipped_channels": [1, 1]}, r"lists a channel twice"),
     ],
 )
 def test_feature_map_options_are_validated(options, message):
@@ -197,14 +197,15 @@ def test_registry_builds_by_name_and_round_trips_the_config():
     assert AUGMENTATIONS.names() == ["feature-maps", "none", "tokens"]
     with pytest.raises(ValueError, match="Unknown feature augmentation 'nope'.*feature-maps, none, tokens"):
         build_feature_augmentation("nope")
-    built = build_feature_augmentation("feature-maps", flip=False)
-    assert isinstance(built, FeatureMapAugmentation) and not built.flip
+    built = build_feature_augmentation("feature-maps", flip_probability=0.0)
+    assert isinstance(built, FeatureMapAugmentation) and built.flip_probability == 0
     for name, options in [("feature-maps", {"noise_std": 0.1, "blur_sigma": 1.0}), ("tokens", {"drop_rate": 0.1})]:
         augmentation = build_feature_augmentation(name, **options)
         config = json.loads(json.dumps(augmentation.config()))
         assert build_feature_augmentation(augmentation.name, **config).config() == augmentation.config()
-    assert built.describe() == "feature-maps(no flip, crop 0.125, noise 0)"
+    assert built.describe() == "feature-maps(flip 0, crop 0.125, noise 0)"
     assert (
-        build_feature_augmentation("tokens", drop_rate=0.1).describe() == "tokens(noise 0, drop 0.1, 1 special token)"
+        build_feature_augmentation("tokens", drop_rate=0.1).describe()
+        == "tokens(noise 0, drop 0.1, replace 0.5, 1 special token)"
     )
     assert build_feature_augmentation("none").describe() == "none"

@@ -162,17 +162,20 @@ class CostReport:
         if caches:
             lines += [
                 "",
-                "| cache position | codec | chunk | raw (MB) | stored (MB) | ratio | build (s) | one-off GFLOPs | "
-                "decode (s) |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "| cache position | codec | chunk | raw (MB) | stored (MB) | ratio | sidecars (MB) | build (s) | "
+                "one-off GFLOPs | decode (s) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for s in caches:
                 c = s.cache
                 reused = " (reused)" if c.get("reused") else ""
                 decode = "n/a" if s.decode_seconds is None else f"{s.decode_seconds:.1f}"
+                sidecar = c.get("sidecar_bytes", 0)
+                sidecars = f"{sidecar / 2**20:.1f} ({sidecar / max(c['stored_bytes'], 1):.0%})" if sidecar else "-"
                 lines.append(
                     f"| {c['position']} | {c['codec']} | {c['chunk_size']} | {c['raw_bytes'] / 2**20:.1f} | "
-                    f"{c['stored_bytes'] / 2**20:.1f} | {c['compression_ratio']:.2f}x | {c['build_seconds']:.1f}"
+                    f"{c['stored_bytes'] / 2**20:.1f} | {c['compression_ratio']:.2f}x | {sidecars} | "
+                    f"{c['build_seconds']:.1f}"
                     f"{reused} | {s.one_off_flops / 1e9:.1f} | {decode} |"
                 )
         return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cache.sidecars import FLIPPED_CHANNELS
 from . import register_augmentation
 from .base import FeatureAugmentation, check_activations, check_range
 
@@ -20,12 +21,13 @@ class FeatureMapAugmentation(FeatureAugmentation):
     Every step draws independently per sample. Blur comes before noise so that `noise_std` is the standard deviation
     of the noise that actually reaches the model.
 
-    Similarity-aware channel augmentation (storing the activations of flipped inputs for the channels whose
-    response to a flip is not a flip of the map) plugs in by overriding `flip_maps`, which receives the sidecar.
+    Similarity-aware channel augmentation (paper, section 3.2): for the channels whose response to a flipped image
+    is not the flip of their response (`cache.sidecars.ChannelFlipSidecar`), the cache stores the activations of
+    the flipped image, and a flipped sample takes them instead of the flipped map on those channels.
 
     Args:
-        flip (`bool`, *optional*, defaults to `True`):
-            Flip each sample along W with probability 0.5.
+        flip_probability (`float`, *optional*, defaults to 0.5):
+            Probability, per sample, of a flip along W. 0 disables it.
         crop_padding (`float`, *optional*, defaults to 0.125):
             Random crop with zero padding, as a fraction of the map side in [0, 0.5]: `round(crop_padding * H)` zero
             rows (resp. `round(crop_padding * W)` columns, Python's round) are added on every side, then each sample
@@ -40,21 +42,31 @@ class FeatureMapAugmentation(FeatureAugmentation):
             sides must exceed `ceil(2 * sigma)`. 0 disables it.
         blur_probability (`float`, *optional*, defaults to 0.5):
             Probability, per sample, of blurring when `blur_sigma > 0`.
+        flipped_channels (`list[int]`, *optional*):
+            The channels whose flipped-image activations the sidecar `flipped_channels` holds, in its order (the
+            cache manifest's `sidecars["channel-flip"]["summary"]["channels"]`). Then every call needs that sidecar.
     """
 
     name = "feature-maps"
 
     def __init__(
         self,
-        flip: bool = True,
+        flip_probability: float = 0.5,
         crop_padding: float = 0.125,
         noise_std: float = 0.0,
         blur_sigma: float = 0.0,
         blur_probability: float = 0.5,
+        flipped_channels: list[int] | None = None,
     ) -> None:
-        if not isinstance(flip, bool):
-            raise ValueError(f"flip={flip!r} must be True or False.")
-        self.flip = flip
+        self.flip_probability = check_range("flip_probability", flip_probability, 0.0, 1.0)
+        if flipped_channels is not None:
+            channels = list(flipped_channels)
+            if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in channels):
+                raise ValueError(f"flipped_channels={flipped_channels!r} must be a non-empty list of channels >= 0.")
+            if len(set(channels)) != len(channels):
+                raise ValueError(f"flipped_channels={flipped_channels!r} lists a channel twice.")
+            flipped_channels = channels
+        self.flipped_channels = flipped_channels
         self.crop_padding = check_range("crop_padding", crop_padding, 0.0, 0.5)
         self.noise_std = check_range("noise_std", noise_std, 0.0)
         self.blur_sigma = check_range("blur_sigma", blur_sigma, 0.0)
@@ -69,8 +81,8 @@ class FeatureMapAugmentation(FeatureAugmentation):
         check_activations(activations, 4, "(B, C, H, W) feature-map", "tokens")
         batch, device = activations.shape[0], activations.device
         out = activations
-        if self.flip:
-            flipped = torch.rand(batch, generator=generator, device=device) < 0.5
+        if self.flip_probability > 0:
+            flipped = torch.rand(batch, generator=generator, device=device) < self.flip_probability
             out = self.flip_maps(out, flipped, sidecar)
         if self.crop_padding > 0:
             out = self._crop(out, generator)
@@ -86,11 +98,23 @@ class FeatureMapAugmentation(FeatureAugmentation):
     def flip_maps(
         self, maps: torch.Tensor, flipped: torch.Tensor, sidecar: Mapping[str, torch.Tensor] | None
     ) -> torch.Tensor:
-        """Flips along W the samples where the `(B,)` boolean mask `flipped` is set.
-
-        Override to use stored activations of flipped inputs from `sidecar` (ignored here).
-        """
-        return torch.where(flipped[:, None, None, None], maps.flip(-1), maps)
+        """Flips along W the samples where the `(B,)` boolean mask `flipped` is set; with `flipped_channels`, their
+        stored flipped-image activations (`sidecar["flipped_channels"]`) replace the flipped map on those channels."""
+        mirrored = maps.flip(-1)
+        if self.flipped_channels is not None:
+            stored = (sidecar or {}).get(FLIPPED_CHANNELS)
+            expected = (maps.shape[0], len(self.flipped_channels), *maps.shape[2:])
+            if stored is None or tuple(stored.shape) != expected:
+                found = "none" if stored is None else tuple(stored.shape)
+                raise ValueError(
+                    f"Channel-flip augmentation needs the cache sidecar {FLIPPED_CHANNELS!r} of shape {expected}, "
+                    f"got {found}."
+                )
+            if max(self.flipped_channels) >= maps.shape[1]:
+                raise ValueError(f"flipped_channels {self.flipped_channels} exceed the {maps.shape[1]} channels.")
+            index = torch.tensor(self.flipped_channels, device=maps.device)
+            mirrored = mirrored.index_copy(1, index, stored.to(maps.dtype))
+        return torch.where(flipped[:, None, None, None], mirrored, maps)
 
     def _crop(self, maps: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch, channels, height, width = maps.shape
@@ -127,15 +151,18 @@ class FeatureMapAugmentation(FeatureAugmentation):
 
     def config(self) -> dict[str, Any]:
         return {
-            "flip": self.flip,
+            "flip_probability": self.flip_probability,
             "crop_padding": self.crop_padding,
             "noise_std": self.noise_std,
             "blur_sigma": self.blur_sigma,
             "blur_probability": self.blur_probability,
+            "flipped_channels": self.flipped_channels,
         }
 
     def describe(self) -> str:
-        parts = ["flip" if self.flip else "no flip", f"crop {self.crop_padding:g}", f"noise {self.noise_std:g}"]
+        parts = [f"flip {self.flip_probability:g}", f"crop {self.crop_padding:g}", f"noise {self.noise_std:g}"]
+        if self.flipped_channels is not None:
+            parts.insert(1, f"{len(self.flipped_channels)} stored flipped channels")
         if self.blur_sigma > 0:
             parts.append(f"blur {self.blur_sigma:g} p={self.blur_probability:g}")
         return f"{self.name}({', '.join(parts)})"

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..cache.sidecars import REPLACEMENT_POSITIONS, REPLACEMENT_TOKENS
 from . import register_augmentation
 from .base import FeatureAugmentation, check_activations, check_range
 
@@ -16,7 +17,9 @@ class TokenAugmentation(FeatureAugmentation):
     """Augmentation of `(B, T, D)` token sequences: special tokens first, then the patch tokens.
 
     Flips and crops of the token order mean nothing here: the positional embeddings are already added and attention
-    is permutation-equivariant, so the options are noise and patch-token dropout. Dropout changes T, so use it only
+    is permutation-equivariant. The options, in the order applied: token replacement (paper, section 3.3) when the
+    cache stores a `token-replacement` sidecar (`cache.sidecars.TokenReplacementSidecar`: tokens of an augmented
+    view of the image and the positions they replace), patch-token dropout, noise. Dropout changes T, so use it only
     when the remaining blocks accept any token count (plain ViT / DeiT encoders, not models that reshape the tokens
     back to a grid).
 
@@ -31,16 +34,27 @@ class TokenAugmentation(FeatureAugmentation):
         num_special_tokens (`int`, *optional*, defaults to 1):
             Tokens before the patch grid that are never dropped: 1 for ViT's CLS token, 2 for DeiT's CLS and
             distillation tokens.
+        replace_probability (`float`, *optional*, defaults to 0.5):
+            Probability, per sample, that the stored augmented tokens replace the tokens at their stored positions,
+            when the batch comes with the `replacement_tokens` and `replacement_positions` sidecar (without it
+            nothing is drawn, so a cache without the sidecar gives exactly the batches of plain discard).
     """
 
     name = "tokens"
 
-    def __init__(self, noise_std: float = 0.0, drop_rate: float = 0.0, num_special_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        noise_std: float = 0.0,
+        drop_rate: float = 0.0,
+        num_special_tokens: int = 1,
+        replace_probability: float = 0.5,
+    ) -> None:
         self.noise_std = check_range("noise_std", noise_std, 0.0)
         self.drop_rate = check_range("drop_rate", drop_rate, 0.0, 1.0, high_inclusive=False)
         if isinstance(num_special_tokens, bool) or not isinstance(num_special_tokens, int) or num_special_tokens < 0:
             raise ValueError(f"num_special_tokens={num_special_tokens!r} must be an integer >= 0.")
         self.num_special_tokens = num_special_tokens
+        self.replace_probability = check_range("replace_probability", replace_probability, 0.0, 1.0)
 
     def __call__(
         self,
@@ -56,6 +70,8 @@ class TokenAugmentation(FeatureAugmentation):
                 f"Got {num_tokens} tokens per sample, fewer than num_special_tokens={self.num_special_tokens}."
             )
         out = activations
+        if sidecar is not None and REPLACEMENT_TOKENS in sidecar and self.replace_probability > 0:
+            out = self.replace_tokens(out, sidecar[REPLACEMENT_TOKENS], sidecar[REPLACEMENT_POSITIONS], generator)
         num_dropped = round(self.drop_rate * num_patches)
         if num_dropped > 0:
             scores = torch.rand(batch, num_patches, generator=generator, device=activations.device)
@@ -68,15 +84,40 @@ class TokenAugmentation(FeatureAugmentation):
             out = out + self.noise_std * noise
         return out
 
+    def replace_tokens(
+        self,
+        tokens: torch.Tensor,
+        stored: torch.Tensor,
+        positions: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """With probability `replace_probability` per sample, puts the `(B, m, D)` `stored` tokens at the `(B, m)`
+        `positions` of `tokens`; the other tokens and samples are left as they are."""
+        batch, num_tokens, dim = tokens.shape
+        if stored.shape[0] != batch or stored.shape[-1] != dim or tuple(positions.shape) != tuple(stored.shape[:2]):
+            raise ValueError(
+                f"Token replacement got stored tokens {tuple(stored.shape)} and positions {tuple(positions.shape)} "
+                f"for a batch of {tuple(tokens.shape)}."
+            )
+        positions = positions.to(tokens.device, torch.long)
+        if bool((positions < self.num_special_tokens).any()) or bool((positions >= num_tokens).any()):
+            raise ValueError(
+                f"Token replacement positions must be patch tokens, in [{self.num_special_tokens}, {num_tokens})."
+            )
+        chosen = torch.rand(batch, generator=generator, device=tokens.device) < self.replace_probability
+        replaced = tokens.scatter(1, positions[:, :, None].expand(-1, -1, dim), stored.to(tokens.dtype))
+        return torch.where(chosen[:, None, None], replaced, tokens)
+
     def config(self) -> dict[str, Any]:
         return {
             "noise_std": self.noise_std,
             "drop_rate": self.drop_rate,
             "num_special_tokens": self.num_special_tokens,
+            "replace_probability": self.replace_probability,
         }
 
     def describe(self) -> str:
         return (
-            f"{self.name}(noise {self.noise_std:g}, drop {self.drop_rate:g}, "
+            f"{self.name}(noise {self.noise_std:g}, drop {self.drop_rate:g}, replace {self.replace_probability:g}, "
             f"{self.num_special_tokens} special token{'s' if self.num_special_tokens != 1 else ''})"
         )

@@ -1,8 +1,8 @@
 """Activation caches: codecs, shards on disk, and the reader that trains from them.
 
-Data flows one way: `builder` runs the frozen prefix over images and encodes chunks with a `codecs` codec into
-`datasets` shards described by a `manifest`; `reader` verifies and decodes them; `sampler` orders samples so each
-chunk is decoded once per epoch.
+Data flows one way: `builder` runs the frozen prefix over images (and, for `sidecars`, over flipped or augmented
+images) and encodes chunks with a `codecs` codec into `datasets` shards described by a `manifest`; `reader` verifies
+and decodes them; `sampler` orders samples so each chunk is decoded once per epoch.
 """
 
 from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds
@@ -16,6 +16,7 @@ from .manifest import (
 )
 from .reader import ActivationCache, CachedActivationDataset
 from .sampler import ChunkShuffleSampler
+from .sidecars import SIDECARS, Sidecar, build_sidecar
 
 __all__ = [
     "CODECS",
@@ -25,9 +26,12 @@ __all__ = [
     "CacheMismatchError",
     "CachedActivationDataset",
     "ChunkShuffleSampler",
+    "SIDECARS",
+    "Sidecar",
     "CorruptCacheError",
     "build_activation_cache",
     "build_codec",
+    "build_sidecar",
     "check_destination",
     "dataset_fingerprint",
     "fingerprint_parts",

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .._random import seeded
 from ..models import BlockAdapter
 from .codecs import ActivationCodec
 from .manifest import CacheManifest, cache_fingerprint, file_sha256
+from .sidecars import SIDECAR_COLUMN_PREFIX, Sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +124,9 @@ def build_activation_cache(
     encode_threads: int = 2,
     max_shard_size: str | int = "500MB",
     progress: bool = True,
+    sidecars: Sequence[Sidecar] = (),
+    augmented_dataset: Dataset | None = None,
+    seed: int = 0,
 ) -> CacheManifest:
     """Runs the prefix (stem and blocks `0..position-1`) over `dataset` and writes the activation cache to `folder`.
 
@@ -145,68 +152,120 @@ def build_activation_cache(
         encode_threads (`int`): Threads encoding chunks (zfp and zstd release the GIL).
         max_shard_size (`str` or `int`): Largest Arrow shard (`Dataset.save_to_disk`).
         progress (`bool`): Show a progress bar.
+        sidecars (`Sequence[Sidecar]`): Extra per-sample arrays to store (`cache.sidecars`), each in its own
+            `sidecar.<name>` column, float arrays encoded with the same (resolved) codec and chunking.
+        augmented_dataset (`Dataset`, *optional*): The same samples, in the same order, through the training set's
+            random augmentation; needed by sidecars with `needs_augmented_view`.
+        seed (`int`): Seeds the calibration subset and the random augmentation of `augmented_dataset`, so that a
+            build is reproducible and leaves the caller's random state as it was.
 
     Returns:
         The `CacheManifest` written with the cache.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
+    if any(sidecar.needs_augmented_view for sidecar in sidecars):
+        if augmented_dataset is None or len(augmented_dataset) != len(dataset):
+            raise ValueError(
+                "The token-replacement sidecar needs `augmented_dataset`: the training images through their random "
+                "augmentation, the same samples in the same order as `dataset`."
+            )
+    else:
+        augmented_dataset = None
     folder = os.path.abspath(folder)
     device = torch.device(device) if device is not None else next(adapter.blocks[0].parameters()).device
     num_samples = len(dataset)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
+
+    def loader(source: Dataset, worker_seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(worker_seed)  # seeds the workers' augmentation, if any
+        return DataLoader(
+            source, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers, generator=generator
+        )
+
+    def run_prefix(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return adapter.prefix(pixels, position)
+
     remove_partial_builds(folder)
     staging = f"{folder}{_PARTIAL}{uuid.uuid4().hex[:8]}"
     os.makedirs(staging)
-    stats: dict[str, Any] = {"stored": 0, "sample_shape": None, "codec": codec, "flops": 0.0}
+    stats: dict[str, Any] = {"stored": 0, "codec": codec, "flops": 0.0}
     start = time.perf_counter()
+    with seeded(seed), prefix_in_eval(adapter, position):
+        sample_shape = _sample_shape(adapter, dataset, position, device)
+        for sidecar in sidecars:
+            if sidecar.calibration_size > 0:
+                subset = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+                subset = Subset(dataset, subset[: sidecar.calibration_size].sort().values.tolist())
+                sidecar.calibrate(run_prefix, (b["pixel_values"].to(device) for b in loader(subset, seed)))
+    arrays = {name: spec for sidecar in sidecars for name, spec in sidecar.arrays(sample_shape).items()}
+    sidecar_bytes = dict.fromkeys(arrays, 0)
+
+    def encode(name: str, chunk: np.ndarray) -> bytes:
+        if name == "data" or arrays[name].dtype == "float32":
+            return stats["codec"].encode(np.ascontiguousarray(chunk, dtype=np.float32))
+        return np.ascontiguousarray(chunk, dtype="<i4").tobytes()
 
     def rows() -> Iterator[dict[str, Any]]:
-        pending_acts: list[np.ndarray] = []
-        pending_labels: list[np.ndarray] = []
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in ["data", "labels", *arrays]}
         next_index = 0
         description = f"Caching activations at block {position}"
         bar = tqdm(total=num_samples, desc=description, unit="img", disable=not progress)
-        with ThreadPoolExecutor(max_workers=max(1, encode_threads)) as pool, prefix_in_eval(adapter, position):
-            for batch in loader:
+        batches = loader(dataset, seed)
+        views = loader(augmented_dataset, seed) if augmented_dataset is not None else itertools.repeat(None)
+        with (
+            ThreadPoolExecutor(max_workers=max(1, encode_threads)) as pool,
+            seeded(seed),
+            prefix_in_eval(adapter, position),
+        ):
+            for batch, view in zip(batches, views, strict=False):  # views repeats None forever without sidecars
                 pixels = batch["pixel_values"].to(device)
-                if stats["sample_shape"] is None:
+                if not stats["flops"]:
                     stats["flops"] = prefix_forward_flops(adapter, pixels[:1], position)
-                with torch.no_grad():
-                    acts = adapter.prefix(pixels, position).float().cpu().numpy()
-                if stats["sample_shape"] is None:
-                    stats["sample_shape"] = list(acts.shape[1:])
-                    stats["codec"] = codec.resolve(acts)
-                pending_acts.append(acts)
-                pending_labels.append(np.asarray(batch["labels"]).reshape(-1))
+                acts = run_prefix(pixels).float()
+                if stats["codec"] is codec:
+                    stats["codec"] = codec.resolve(acts.cpu().numpy())
+                augmented = view["pixel_values"].to(device) if view is not None else None
+                for sidecar in sidecars:
+                    for name, value in sidecar.compute(run_prefix, pixels, acts, augmented).items():
+                        pending[name].append(value.cpu().numpy())
+                pending["data"].append(acts.cpu().numpy())
+                pending["labels"].append(np.asarray(batch["labels"]).reshape(-1))
                 bar.update(len(acts))
-                ready = sum(len(a) for a in pending_acts)
+                ready = sum(len(a) for a in pending["data"])
                 last = next_index + ready == num_samples
                 take = ready if last else ready - ready % chunk_size
                 if take == 0:
                     continue
-                acts_all, labels_all = np.concatenate(pending_acts), np.concatenate(pending_labels)
-                pending_acts, pending_labels = [acts_all[take:]], [labels_all[take:]]
+                joined = {name: np.concatenate(parts) for name, parts in pending.items()}
+                pending = {name: [array[take:]] for name, array in joined.items()}
                 starts = range(0, take, chunk_size)
-                chunks = [np.ascontiguousarray(acts_all[s : s + chunk_size]) for s in starts]
-                for s, data in zip(starts, pool.map(stats["codec"].encode, chunks), strict=True):
-                    stats["stored"] += len(data)
+                encoded = {
+                    name: pool.map(encode, itertools.repeat(name), [joined[name][s : s + chunk_size] for s in starts])
+                    for name in ["data", *arrays]
+                }
+                for s, *blobs in zip(starts, *encoded.values(), strict=True):
+                    row = dict(zip(["data", *(SIDECAR_COLUMN_PREFIX + name for name in arrays)], blobs, strict=True))
+                    stats["stored"] += len(row["data"])
+                    for name in arrays:
+                        sidecar_bytes[name] += len(row[SIDECAR_COLUMN_PREFIX + name])
                     end = min(s + chunk_size, take)
-                    yield {
-                        "data": data,
-                        "labels": labels_all[s:end].tolist(),
-                        "indices": list(range(next_index + s, next_index + end)),
-                    }
+                    row["labels"] = joined["labels"][s:end].tolist()
+                    row["indices"] = list(range(next_index + s, next_index + end))
+                    yield row
                 next_index += take
         bar.close()
 
+    features = datasets.Features(
+        {**CACHE_FEATURES, **{SIDECAR_COLUMN_PREFIX + name: datasets.Value("binary") for name in arrays}}
+    )
     try:
         with _quiet_datasets():
-            row_bytes = _estimate_row_bytes(adapter, dataset, position, chunk_size, device)
-            writer_rows = max(1, _WRITER_BUFFER_BYTES // max(1, row_bytes))
+            raw_sample_bytes = 4 * (math.prod(sample_shape) + sum(math.prod(a.shape) for a in arrays.values()))
+            writer_rows = max(1, _WRITER_BUFFER_BYTES // max(1, raw_sample_bytes * chunk_size))
             generated = datasets.Dataset.from_generator(
                 rows,
-                features=CACHE_FEATURES,
+                features=features,
                 cache_dir=os.path.join(staging, "_generator"),
                 fingerprint=cache_fingerprint(fingerprint_parts),
                 writer_batch_size=writer_rows,
@@ -217,24 +276,39 @@ def build_activation_cache(
         files = sorted(name for name in os.listdir(final) if name.endswith(".arrow"))
         shards = {name: file_sha256(os.path.join(final, name)) for name in files}
         resolved: ActivationCodec = stats["codec"]
+        raw_bytes = int(num_samples * math.prod(sample_shape) * 4)
         manifest = CacheManifest(
             fingerprint=cache_fingerprint(fingerprint_parts),
             fingerprint_parts=fingerprint_parts,
             model_family=adapter.family,
             model_class=type(adapter.model).__name__,
             position=position,
-            sample_shape=stats["sample_shape"],
+            sample_shape=list(sample_shape),
             dtype="float32",
             codec=resolved.config(),
             chunk_size=chunk_size,
             num_samples=num_samples,
             num_chunks=-(-num_samples // chunk_size),
-            raw_bytes=int(num_samples * np.prod(stats["sample_shape"]) * 4),
+            raw_bytes=raw_bytes,
             stored_bytes=int(stats["stored"]),
             build_seconds=time.perf_counter() - start,
             prefix_forward_flops_per_sample=float(stats["flops"]),
+            build_prefix_passes=1
+            + sum(s.extra_prefix_passes for s in sidecars)
+            + sum(s.calibration_passes * min(s.calibration_size, num_samples) for s in sidecars) / num_samples,
             source="images",
             shards=shards,
+            sidecars={
+                sidecar.name: {
+                    "config": sidecar.config(),
+                    "summary": sidecar.summary(),
+                    "arrays": {
+                        name: {"shape": list(spec.shape), "dtype": spec.dtype, "stored_bytes": sidecar_bytes[name]}
+                        for name, spec in sidecar.arrays(sample_shape).items()
+                    },
+                }
+                for sidecar in sidecars
+            },
         )
         manifest.save(final)
         if os.path.exists(folder):
@@ -243,23 +317,22 @@ def build_activation_cache(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info(
-        "Cached %d samples at block %d in %s: %.1f MB raw -> %.1f MB stored (%.1fx) in %.1f s.",
+        "Cached %d samples at block %d in %s: %.1f MB raw -> %.1f MB stored (%.1fx)%s in %.1f s.",
         num_samples,
         position,
         folder,
         manifest.raw_bytes / 2**20,
         manifest.stored_bytes / 2**20,
         manifest.compression_ratio,
+        f", sidecars {manifest.sidecar_bytes / 2**20:.1f} MB ({manifest.sidecar_fraction:.1%} of the cache)"
+        if sidecars
+        else "",
         manifest.build_seconds,
     )
     return manifest
 
 
-def _estimate_row_bytes(
-    adapter: BlockAdapter, dataset: Dataset, position: int, chunk_size: int, device: torch.device
-) -> int:
-    # The raw size of a chunk bounds its encoded size for every codec but a pathological zfp tolerance.
+def _sample_shape(adapter: BlockAdapter, dataset: Dataset, position: int, device: torch.device) -> tuple[int, ...]:
     pixels = dataset[0]["pixel_values"].unsqueeze(0).to(device)
-    with torch.no_grad(), prefix_in_eval(adapter, position):
-        sample = adapter.prefix(pixels, position)
-    return int(sample.numel() * 4 * chunk_size)
+    with torch.no_grad():
+        return tuple(adapter.prefix(pixels, position).shape[1:])

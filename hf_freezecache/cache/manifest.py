@@ -45,8 +45,14 @@ class CacheManifest:
         raw_bytes, stored_bytes (`int`): Activations before and after encoding.
         build_seconds (`float`): Time to run the prefix and write the cache.
         prefix_forward_flops_per_sample (`float`): FLOPs of one sample's pass through the prefix.
+        build_prefix_passes (`float`): Prefix passes per sample the build ran: 1, plus the sidecars' passes over
+            flipped or augmented views and their calibration (so the build cost `prefix_forward_flops_per_sample *
+            num_samples * build_prefix_passes` FLOPs).
         source (`str`): What the prefix ran on (`"images"`).
         shards (`dict[str, str]`): sha256 of every data file, by file name.
+        sidecars (`dict`): Per sidecar name (`cache.sidecars`): its `config`, the `summary` of its calibration
+            (e.g. selected channels and their SSIM), and its `arrays` (per-sample `shape`, `dtype`,
+            `stored_bytes`), stored in the `sidecar.<array>` columns.
     """
 
     fingerprint: str
@@ -64,14 +70,31 @@ class CacheManifest:
     stored_bytes: int
     build_seconds: float
     prefix_forward_flops_per_sample: float
+    build_prefix_passes: float = 1.0
     source: str = "images"
     shards: dict[str, str] = field(default_factory=dict)
+    sidecars: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
     def compression_ratio(self) -> float:
         """Raw bytes / stored bytes."""
         return self.raw_bytes / max(self.stored_bytes, 1)
+
+    @property
+    def sidecar_arrays(self) -> dict[str, dict[str, Any]]:
+        """Every sidecar array (`shape`, `dtype`, `stored_bytes`) by array name, over all sidecars."""
+        return {name: spec for sidecar in self.sidecars.values() for name, spec in sidecar["arrays"].items()}
+
+    @property
+    def sidecar_bytes(self) -> int:
+        """Stored bytes of all sidecar arrays."""
+        return sum(spec["stored_bytes"] for spec in self.sidecar_arrays.values())
+
+    @property
+    def sidecar_fraction(self) -> float:
+        """Sidecar bytes as a fraction of the stored activations: the storage cost of the augmentation."""
+        return self.sidecar_bytes / max(self.stored_bytes, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "compression_ratio": self.compression_ratio}
@@ -117,10 +140,34 @@ class CacheManifest:
             f"| raw / stored bytes | {self.raw_bytes:,} / {self.stored_bytes:,} |\n"
             f"| compression ratio | {self.compression_ratio:.2f}x |\n"
             f"| build time | {self.build_seconds:.1f} s |\n"
-            f"| built from | {self.source} |\n\n"
+            f"| built from | {self.source} |\n"
+            f"{self._sidecar_card_rows()}\n"
             "Each row holds `data` (the encoded activations of `len(indices)` consecutive samples, shape "
-            "`(len(indices), *sample_shape)`), `labels` and `indices` (row numbers in the training split).\n"
+            "`(len(indices), *sample_shape)`), `labels` and `indices` (row numbers in the training split)"
+            f"{self._sidecar_card_columns()}.\n"
         )
+
+    def _sidecar_card_rows(self) -> str:
+        rows = ""
+        for name, sidecar in self.sidecars.items():
+            options = ", ".join(f"{k}={v}" for k, v in sidecar["config"].items())
+            stored = sum(spec["stored_bytes"] for spec in sidecar["arrays"].values())
+            rows += f"| sidecar | {name} ({options}): {stored:,} bytes |\n"
+            if "channels" in sidecar["summary"]:
+                rows += f"| flip-sensitive channels | {sidecar['summary']['channels']} |\n"
+        if self.sidecars:
+            rows += f"| sidecars / cache | {self.sidecar_fraction:.1%} |\n"
+        return rows
+
+    def _sidecar_card_columns(self) -> str:
+        if not self.sidecars:
+            return ""
+        columns = ", ".join(
+            f"`sidecar.{name}` (shape `(len(indices), {', '.join(map(str, spec['shape']))})`, {spec['dtype']})"
+            for name, spec in self.sidecar_arrays.items()
+        )
+        return f", and the augmentation sidecars {columns}; float32 arrays use the same codec as `data`"
+
 
 
 def file_sha256(path: str | os.PathLike, block_size: int = 1 << 20) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .codecs import ActivationCodec, build_codec
 from .manifest import CacheManifest, CacheMismatchError, CorruptCacheError, describe_mismatch, verify_shards
+from .sidecars import SIDECAR_COLUMN_PREFIX
 
 
 class ActivationCache:
@@ -25,7 +27,7 @@ class ActivationCache:
     Args:
         folder (`str`): A folder written by `build_activation_cache`.
         manifest (`CacheManifest`): Its manifest.
-        rows (`datasets.Dataset`): Its rows (`data`, `labels`, `indices`).
+        rows (`datasets.Dataset`): Its rows (`data`, `labels`, `indices`, and `sidecar.<name>` per sidecar array).
     """
 
     def __init__(self, folder: str, manifest: CacheManifest, rows: datasets.Dataset) -> None:
@@ -33,6 +35,12 @@ class ActivationCache:
         self.manifest = manifest
         self.codec: ActivationCodec = build_codec(manifest.codec)
         self._data = rows.data.column("data")
+        self._sidecars = {}
+        for name in manifest.sidecar_arrays:
+            column = SIDECAR_COLUMN_PREFIX + name
+            if column not in rows.column_names:
+                raise CorruptCacheError(f"{folder}: its manifest lists sidecar column {column!r}, the rows lack it.")
+            self._sidecars[name] = rows.data.column(column)
         self.labels = np.asarray(rows.data.column("labels").combine_chunks().flatten(), dtype=np.int64)
         indices = np.asarray(rows.data.column("indices").combine_chunks().flatten(), dtype=np.int64)
         if not np.array_equal(indices, np.arange(manifest.num_samples)):
@@ -97,6 +105,31 @@ class ActivationCache:
             self.decode_seconds += elapsed
         return array
 
+    def decode_sidecars(self, chunk: int) -> dict[str, np.ndarray]:
+        """The sidecar arrays of the samples of row `chunk`, by name, each `(samples, *array_shape)` (empty when the
+        cache has no sidecar). Float arrays are decoded with the codec; int32 arrays are checked for their size."""
+        if not self._sidecars:
+            return {}
+        start = time.perf_counter()
+        samples = len(self.chunk_samples(chunk))
+        arrays = {}
+        for name, spec in self.manifest.sidecar_arrays.items():
+            shape = (samples, *spec["shape"])
+            blob = self._sidecars[name][chunk].as_py()
+            if spec["dtype"] == "float32":
+                arrays[name] = self.codec.decode(blob, shape)
+                continue
+            if len(blob) != 4 * math.prod(shape):
+                raise CorruptCacheError(
+                    f"{self.folder}: sidecar {name!r} of row {chunk} holds {len(blob)} bytes, {4 * math.prod(shape)} "
+                    "expected."
+                )
+            arrays[name] = np.frombuffer(blob, dtype="<i4").reshape(shape).astype(np.int64)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.decode_seconds += elapsed
+        return arrays
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock")
@@ -110,7 +143,8 @@ class ActivationCache:
 class CachedActivationDataset(Dataset):
     """Samples of an `ActivationCache` as a map-style dataset of the training set's length.
 
-    Item `i` is sample `i` of the training split: `{"prefix_activations": float32 tensor, "labels": int}`.
+    Item `i` is sample `i` of the training split: `{"prefix_activations": float32 tensor, "labels": int}`, plus
+    `"sidecar.<name>"` tensors when the cache stores sidecar arrays.
     `__getitems__` (used by `DataLoader` for a whole batch) decodes each chunk the batch needs once, on a thread
     pool, and keeps the chunks of the previous batch so a chunk split across two consecutive batches is not
     decoded twice. With the `ChunkShuffleSampler` every chunk is then decoded once per epoch.
@@ -125,7 +159,7 @@ class CachedActivationDataset(Dataset):
         self.decode_threads = decode_threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid: int | None = None
-        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._recent: OrderedDict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = OrderedDict()
 
     @property
     def chunk_size(self) -> int:
@@ -147,21 +181,26 @@ class CachedActivationDataset(Dataset):
         items = []
         for index in indices:
             chunk, offset = divmod(int(index), size)
-            items.append(
-                {
-                    "prefix_activations": torch.from_numpy(decoded[chunk][offset]),
-                    "labels": int(self.cache.labels[index]),
-                }
-            )
+            activations, sidecars = decoded[chunk]
+            item = {
+                "prefix_activations": torch.from_numpy(activations[offset]),
+                "labels": int(self.cache.labels[index]),
+            }
+            for name, array in sidecars.items():
+                item[SIDECAR_COLUMN_PREFIX + name] = torch.from_numpy(array[offset])
+            items.append(item)
         return items
 
-    def _decode_many(self, chunks: list[int]) -> list[np.ndarray]:
+    def _decode(self, chunk: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return self.cache.decode(chunk), self.cache.decode_sidecars(chunk)
+
+    def _decode_many(self, chunks: list[int]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
         if len(chunks) <= 1 or self.decode_threads <= 1:
-            return [self.cache.decode(c) for c in chunks]
+            return [self._decode(c) for c in chunks]
         if self._pool is None or self._pool_pid != os.getpid():  # a DataLoader worker needs its own threads
             self._pool = ThreadPoolExecutor(max_workers=self.decode_threads)
             self._pool_pid = os.getpid()
-        return list(self._pool.map(self.cache.decode, chunks))
+        return list(self._pool.map(self._decode, chunks))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -13,18 +13,23 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
+from .._random import seeded
 from ..augmentation import FeatureAugmentation, build_feature_augmentation
 from ..cache import (
     ActivationCache,
     CachedActivationDataset,
+    CacheManifest,
     CacheMismatchError,
+    Sidecar,
     build_activation_cache,
     build_codec,
+    build_sidecar,
     check_destination,
     dataset_fingerprint,
     fingerprint_parts,
     prefix_in_eval,
 )
+from ..cache.sidecars import SIDECAR_COLUMN_PREFIX
 from ..config import FreezeCacheArguments
 from ..freezing import ACTIVATIONS_KEY, DiscardedPrefix
 from ..models import BlockAdapter
@@ -67,7 +72,8 @@ class DiscardableTrainDataset(Dataset):
 
 
 class FreezeCacheCollator:
-    """Collates image batches with the user's collator, and cached-activation batches itself, then augments them.
+    """Collates image batches with the user's collator, and cached-activation batches itself, then augments them
+    (handing the augmentation the batch's sidecar arrays; they do not reach the model).
 
     Args:
         image_collator (`Callable`, *optional*): The collator of image batches (default: transformers'
@@ -83,7 +89,12 @@ class FreezeCacheCollator:
             return self.image_collator(features)
         activations = torch.stack([f[ACTIVATIONS_KEY] for f in features])
         if self.augmentation is not None:
-            activations = self.augmentation(activations)
+            sidecar = {
+                key.removeprefix(SIDECAR_COLUMN_PREFIX): torch.stack([f[key] for f in features])
+                for key in features[0]
+                if key.startswith(SIDECAR_COLUMN_PREFIX)
+            }
+            activations = self.augmentation(activations, sidecar or None)
         labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
         return {ACTIVATIONS_KEY: activations, "labels": labels}
 
@@ -182,7 +193,7 @@ class DiscardController:
         self.cache = cache
         threads = self.freeze_args.cache_decode_threads
         self.train_dataset.cached = CachedActivationDataset(cache, decode_threads=threads)
-        self.collator.augmentation = self._augmentation(cache.manifest.sample_shape)
+        self.collator.augmentation = self._augmentation(cache.manifest)
         self.prefix.discard(position)
         m = cache.manifest
         logger.info(
@@ -203,25 +214,74 @@ class DiscardController:
             "compression_ratio": m.compression_ratio,
             "build_seconds": m.build_seconds,
             "prefix_forward_flops_per_sample": m.prefix_forward_flops_per_sample,
+            "build_prefix_passes": m.build_prefix_passes,
             "num_samples": m.num_samples,
             "reused": reused,
+            "sidecar_bytes": m.sidecar_bytes,
+            "sidecars": {name: sidecar["config"] for name, sidecar in m.sidecars.items()},
         }
 
-    def _fingerprint(self, position: int) -> dict[str, str]:
+    def _fingerprint(self, position: int, sidecars: list[Sidecar], seed: int) -> dict[str, str]:
         if self._dataset_hash is None:
             self._dataset_hash = dataset_fingerprint(self.cache_dataset)
+        extra = {"sidecars": {s.name: s.config() for s in sidecars}} if sidecars else None
+        if any(s.needs_augmented_view for s in sidecars):
+            extra["augmented_view"] = self._augmented_view_hash(seed)
         return fingerprint_parts(
             self.adapter,
             position,
             self._dataset_hash,
             self.freeze_args.codec_config(),
             self.freeze_args.cache_chunk_size,
+            extra,
         )
+
+    def _augmented_view_hash(self, seed: int) -> str:
+        # The augmented view is the training transform under the build's seed: hash a few such views so a changed
+        # image augmentation invalidates the cache (a transform that ignores the seeded generators rebuilds every
+        # time, which is slow but never wrong).
+        with seeded(seed):
+            return dataset_fingerprint(self.train_dataset.images, probes=4)
+
+    def _sidecars(self, position: int) -> list[Sidecar]:
+        """The sidecars the options ask for, for the layout of the activations at `position`."""
+        args = self.freeze_args
+        if args.channel_aug_gamma == 0 and args.token_aug_alpha == 0:
+            return []
+        pixels = self.collator.image_collator([self.cache_dataset[0]])["pixel_values"]
+        with torch.no_grad(), prefix_in_eval(self.adapter, position):
+            sample = self.adapter.prefix(pixels.to(next(self.adapter.blocks[0].parameters()).device), position)
+        layout = "feature-maps" if sample.ndim == 4 else "tokens"
+        if layout == "tokens" and args.channel_aug_gamma > 0:
+            raise ValueError(
+                f"--channel_aug_gamma {args.channel_aug_gamma} is for CNN feature maps, but the activations at block "
+                f"{position} are tokens {tuple(sample.shape[1:])}: use --token_aug_alpha."
+            )
+        if layout == "feature-maps" and args.token_aug_alpha > 0:
+            raise ValueError(
+                f"--token_aug_alpha {args.token_aug_alpha} is for transformer tokens, but the activations at block "
+                f"{position} are feature maps {tuple(sample.shape[1:])}: use --channel_aug_gamma."
+            )
+        if layout == "feature-maps":
+            return [
+                build_sidecar(
+                    "channel-flip", gamma=args.channel_aug_gamma, calibration_size=args.channel_aug_calibration_size
+                )
+            ]
+        return [
+            build_sidecar(
+                "token-replacement",
+                alpha=args.token_aug_alpha,
+                matching=args.token_aug_matching,
+                num_special_tokens=self.adapter.num_special_tokens,
+            )
+        ]
 
     def _reuse_or_build(
         self, position: int, folder: str, args: TrainingArguments, probe: dict[str, torch.Tensor] | None
     ) -> tuple[ActivationCache, bool]:
-        parts = self._fingerprint(position)
+        sidecars = self._sidecars(position)
+        parts = self._fingerprint(position, sidecars, args.seed)
         if os.path.isdir(folder):
             try:
                 return ActivationCache.load(folder, expected_fingerprint=parts), True
@@ -244,12 +304,15 @@ class DiscardController:
             encode_threads=self.freeze_args.cache_decode_threads,
             max_shard_size=self.freeze_args.cache_max_shard_size,
             progress=not args.disable_tqdm,
+            sidecars=sidecars,
+            augmented_dataset=self.train_dataset.images,
+            seed=args.seed,
         )
         return ActivationCache.load(folder, expected_fingerprint=parts), False
 
-    def _augmentation(self, sample_shape: list[int]) -> FeatureAugmentation | None:
+    def _augmentation(self, manifest: CacheManifest) -> FeatureAugmentation | None:
         name = self.freeze_args.feature_augmentation
-        layout = "feature-maps" if len(sample_shape) == 3 else "tokens"
+        layout = "feature-maps" if len(manifest.sample_shape) == 3 else "tokens"
         if name == "auto":
             name = layout
         if name == "none":
@@ -257,4 +320,6 @@ class DiscardController:
         options = self.freeze_args.augmentation_options(name)
         if name == "tokens":
             options["num_special_tokens"] = self.adapter.num_special_tokens
+        if "channel-flip" in manifest.sidecars:
+            options["flipped_channels"] = manifest.sidecars["channel-flip"]["summary"]["channels"]
         return build_feature_augmentation(name, **options)

@@ -249,7 +249,9 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             cache=cache,
         )
         if cache is not None and not cache["reused"]:
-            record.one_off_flops = cache["prefix_forward_flops_per_sample"] * cache["num_samples"]
+            record.one_off_flops = (
+                cache["prefix_forward_flops_per_sample"] * cache["num_samples"] * cache["build_prefix_passes"]
+            )
         if self.discard_controller is not None and self.discard_controller.cache is not None:
             self._decode_seconds_at_open = self.discard_controller.cache.decode_seconds
         self.report.states.append(record)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .cifar_resnet import CIFAR_RESNET_VARIANTS, CifarResNet, load_cifar_resnet
 from .wrapper import ImageClassifierWrapper
 
 
-def build_model(name: str, num_labels: int, weights: str | None = None) -> nn.Module:
+def build_model(
+    name: str, num_labels: int, weights: str | None = None, timm_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """Returns a model with the `Trainer` calling convention (`forward(pixel_values, labels)`).
 
     Args:
@@ -19,7 +23,11 @@ def build_model(name: str, num_labels: int, weights: str | None = None) -> nn.Mo
         num_labels (`int`): Number of classes; a pretrained classifier of another size is re-initialised.
         weights (`str`, *optional*): For CIFAR ResNets, a `pytorch_resnet_cifar10` checkpoint (e.g.
             `../shared/models/resnet-cifar10/resnet20-12fca82f.th`); for timm, a checkpoint path.
+        timm_kwargs (`dict`, *optional*): Keyword arguments of `timm.create_model` for a `timm:` model, e.g.
+            `{"img_size": 32, "patch_size": 4}` turns `deit_tiny_patch16_224` into a 32 x 32, 64-patch DeiT-Tiny.
     """
+    if timm_kwargs and not name.startswith("timm:"):
+        raise ValueError(f"timm_kwargs={timm_kwargs!r} is only for 'timm:<name>' models, not {name!r}.")
     if name in CIFAR_RESNET_VARIANTS:
         if weights is None:
             return CifarResNet.from_name(name, num_classes=num_labels)
@@ -34,7 +42,7 @@ def build_model(name: str, num_labels: int, weights: str | None = None) -> nn.Mo
     if name.startswith("timm:"):
         import timm
 
-        kwargs = {"checkpoint_path": weights} if weights else {}
+        kwargs = {**(timm_kwargs or {}), **({"checkpoint_path": weights} if weights else {})}
         return ImageClassifierWrapper(timm.create_model(name.removeprefix("timm:"), num_classes=num_labels, **kwargs))
     if weights is not None:
         raise ValueError("--pretrained_weights is for CIFAR ResNets and timm models; transformers models load theirs.")
