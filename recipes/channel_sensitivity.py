@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         order = torch.argsort(scores, stable=True)
         results[position] = {
             "channel_ssim": sidecar.scores,
-            "gamma_0.1": sorted(order[: max(1, round(0.1 * len(scores)))].tolist()),
-            "gamma_0.3": sorted(order[: max(1, round(0.3 * len(scores)))].tolist()),
+            "gamma_0.1": sidecar.channels,
+            "gamma_0.3": ChannelFlipSidecar.select(scores, 0.3),
         }
         image = images["pixel_values"][args.image_index : args.image_index + 1]
         maps, of_mirror = prefix(image)[0], prefix(image.flip(-1))[0]

@@ -28,7 +28,6 @@ from hf_freezecache.cache.sidecars import (
     REPLACEMENT_TOKENS,
     ChannelFlipSidecar,
     TokenReplacementSidecar,
-    channel_data_range,
     channel_ssim,
 )
 from hf_freezecache.data import collate_image_batch, load_image_classification
@@ -87,7 +86,8 @@ def test_channel_ssim_agrees_with_scikit_image_on_real_feature_maps(pretrained, 
     pixels = cifar_batch["pixel_values"][:6]
     prefix = _prefix(pretrained, position)
     mirrored, of_mirror = prefix(pixels).flip(-1), prefix(pixels.flip(-1))
-    data_range = channel_data_range(mirrored, of_mirror)
+    both = torch.cat([mirrored, of_mirror]).transpose(0, 1).flatten(1)
+    data_range = (both.amax(1) - both.amin(1)).double()
     ours = channel_ssim(mirrored, of_mirror, data_range)
     for n in range(len(pixels)):
         for c in range(mirrored.shape[1]):
@@ -109,11 +109,21 @@ def test_channel_ssim_uses_a_smaller_odd_window_on_small_maps_like_scikit_image(
         channel_ssim(torch.rand(1, 1, 2, 8), torch.rand(1, 1, 2, 8), torch.ones(1))
 
 
-def test_ssim_data_range_is_each_channels_own():
-    maps = torch.stack([torch.rand(4, 8, 8), 100 * torch.rand(4, 8, 8), torch.zeros(4, 8, 8)], dim=1)
-    data_range = channel_data_range(maps, maps + 1)
-    assert data_range[0] == pytest.approx(float(maps[:, 0].max() + 1 - maps[:, 0].min()))
-    assert data_range[1] > 50 and data_range[2] == 1.0
+def test_calibration_scores_do_not_depend_on_a_channels_scale(cifar_batch):
+    # Each channel's SSIM data range is its own, so scaling a channel leaves its score unchanged; with one fixed
+    # range for all channels (the paper's code: 1.0) the small-valued copy scores differently (the SSIM constants
+    # swamp it) and the ranking would follow the scales. A constant channel scores 1.
+    def prefix(pixels):
+        cumulative = pixels.mean(1, keepdim=True).cumsum(-1)
+        return torch.cat([cumulative / 1000, cumulative, torch.zeros_like(cumulative)], dim=1)
+
+    sidecar = ChannelFlipSidecar(gamma=0.3, calibration_size=16)
+    sidecar.calibrate(prefix, [cifar_batch["pixel_values"]])
+    assert sidecar.scores[0] == pytest.approx(sidecar.scores[1], abs=1e-6)  # float32 maps
+    assert sidecar.scores[0] < 0.9 and sidecar.scores[2] == 1.0
+    pixels = cifar_batch["pixel_values"]
+    fixed_range = channel_ssim(prefix(pixels).flip(-1), prefix(pixels.flip(-1)), torch.ones(3)).mean(0)
+    assert abs(float(fixed_range[0] - fixed_range[1])) > 1e-3
 
 
 # Channel selection
@@ -212,28 +222,33 @@ def test_sidecars_survive_save_load_and_another_gamma_is_not_reused(pretrained, 
         ActivationCache.load(tmp_path / "c", expected_fingerprint=plain)
 
 
-def test_gamma_zero_options_give_the_plain_discard_cache_and_batches(pretrained, data, tmp_path):
+def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
     from hf_freezecache.integrations.discard import DiscardableTrainDataset, DiscardController
 
-    args = FreezeCacheArguments(discard=True, cache_codec="zfp", channel_aug_gamma=0.0)
-    controller = DiscardController(
-        pretrained.model, pretrained, args, DiscardableTrainDataset(data.train), FreezeCacheCollator(), data.train
-    )
-    assert controller._sidecars(3) == []
-    plain, plain_parts = _build(pretrained, 3, data, tmp_path / "plain", codec="zfp")
-    again, again_parts = _build(pretrained, 3, data, tmp_path / "again", [], codec="zfp")
-    assert plain_parts == again_parts and plain.manifest.shards == again.manifest.shards
+    def controller(**options):
+        args = FreezeCacheArguments(discard=True, cache_codec="zfp", **options)
+        dataset = DiscardableTrainDataset(data.train)
+        collator = FreezeCacheCollator(collate_image_batch)
+        return DiscardController(pretrained.model, pretrained, args, dataset, collator, data.train_unaugmented)
+
+    plain, zero = controller(), controller(channel_aug_gamma=0.0, token_aug_alpha=0.0)
+    assert zero._sidecars() == []
+    # Same fingerprint, so the same cache is reused; same augmentation, so the same batches.
+    assert zero._fingerprint(3, zero._sidecars(), 0) == plain._fingerprint(3, plain._sidecars(), 0)
+    cache, _ = _build(pretrained, 3, data, tmp_path / "plain", codec="zfp")
+    assert zero._augmentation(cache.manifest).config() == plain._augmentation(cache.manifest).config()
+    # A sidecar is added next to the activations and leaves them bit-identical.
     with_sidecar, _ = _build(pretrained, 3, data, tmp_path / "side", [ChannelFlipSidecar(0.25, 16)], codec="zfp")
-    assert with_sidecar.manifest.stored_bytes == plain.manifest.stored_bytes  # the activations are unchanged
-    assert all(np.array_equal(with_sidecar.decode(c), plain.decode(c)) for c in range(plain.num_chunks))
-    collator = FreezeCacheCollator()
-    collator.augmentation = FeatureMapAugmentation()  # what gamma = 0 trains with
-    torch.manual_seed(3)
-    first = collator(CachedActivationDataset(plain).__getitems__(list(range(8, 24))))
-    torch.manual_seed(3)
-    second = collator(CachedActivationDataset(again).__getitems__(list(range(8, 24))))
-    assert torch.equal(first["prefix_activations"], second["prefix_activations"])
-    assert torch.equal(first["labels"], second["labels"])
+    assert with_sidecar.manifest.stored_bytes == cache.manifest.stored_bytes
+    assert all(np.array_equal(with_sidecar.decode(c), cache.decode(c)) for c in range(cache.num_chunks))
+    assert cache.decode_sidecars(0) == {}
+
+
+def test_a_sidecar_that_does_not_fit_the_layout_is_refused_before_anything_is_written(pretrained, data, tmp_path):
+    sidecar = TokenReplacementSidecar(alpha=0.25)
+    with pytest.raises(ValueError, match=r"needs \(T, D\) token activations.*--channel_aug_gamma"):
+        _build(pretrained, 3, data, tmp_path / "c", [sidecar])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_trainer_trains_with_channel_flip_and_counts_the_sidecar_cost(tmp_path):
@@ -311,7 +326,9 @@ def test_token_replacement_puts_the_stored_tokens_at_the_stored_positions_only()
     assert 30 < int(replaced.sum()) < 90
     with pytest.raises(ValueError, match=r"must be patch tokens, in \[1, 9\)"):
         always(tokens, {REPLACEMENT_TOKENS: stored, REPLACEMENT_POSITIONS: torch.zeros(6, 2, dtype=torch.long)})
-    assert torch.equal(always(tokens), tokens)  # no sidecar, nothing replaced and nothing drawn
+    state = torch.get_rng_state()
+    assert torch.equal(always(tokens), tokens)  # no sidecar: nothing replaced, and no random number drawn
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,

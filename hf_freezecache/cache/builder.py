@@ -186,9 +186,6 @@ def build_activation_cache(
         with torch.no_grad():
             return adapter.prefix(pixels, position)
 
-    remove_partial_builds(folder)
-    staging = f"{folder}{_PARTIAL}{uuid.uuid4().hex[:8]}"
-    os.makedirs(staging)
     stats: dict[str, Any] = {"stored": 0, "codec": codec, "flops": 0.0}
     start = time.perf_counter()
     with seeded(seed), prefix_in_eval(adapter, position):
@@ -200,6 +197,9 @@ def build_activation_cache(
                 sidecar.calibrate(run_prefix, (b["pixel_values"].to(device) for b in loader(subset, seed)))
     arrays = {name: spec for sidecar in sidecars for name, spec in sidecar.arrays(sample_shape).items()}
     sidecar_bytes = dict.fromkeys(arrays, 0)
+    remove_partial_builds(folder)
+    staging = f"{folder}{_PARTIAL}{uuid.uuid4().hex[:8]}"
+    os.makedirs(staging)
 
     def encode(name: str, chunk: np.ndarray) -> bytes:
         if name == "data" or arrays[name].dtype == "float32":

@@ -182,7 +182,9 @@ class DiscardController:
         codec = build_codec(self.freeze_args.codec_config()).resolve(acts)
         k = self.freeze_args.cache_chunk_size
         stored = sum(len(codec.encode(np.ascontiguousarray(acts[s : s + k]))) for s in range(0, len(acts), k))
-        return int(stored / len(acts) * len(self.cache_dataset) * 1.2)
+        # Sidecars store about gamma (alpha) of the channels (tokens) with the same codec.
+        sidecars = 1 + self.freeze_args.channel_aug_gamma + self.freeze_args.token_aug_alpha
+        return int(stored / len(acts) * len(self.cache_dataset) * 1.2 * sidecars)
 
     def discard(self, position: int, args: TrainingArguments, probe: dict[str, torch.Tensor] | None) -> dict:
         """Gets the cache for `position` and trains from it from the next batch on; returns the cache's summary."""
@@ -243,44 +245,27 @@ class DiscardController:
         with seeded(seed):
             return dataset_fingerprint(self.train_dataset.images, probes=4)
 
-    def _sidecars(self, position: int) -> list[Sidecar]:
-        """The sidecars the options ask for, for the layout of the activations at `position`."""
+    def _sidecars(self) -> list[Sidecar]:
+        """The sidecars the options ask for. Each checks the activations' layout itself when the cache is built
+        (channel-flip needs feature maps, token replacement tokens) and names the right flag when it does not fit."""
         args = self.freeze_args
-        if args.channel_aug_gamma == 0 and args.token_aug_alpha == 0:
-            return []
-        pixels = self.collator.image_collator([self.cache_dataset[0]])["pixel_values"]
-        with torch.no_grad(), prefix_in_eval(self.adapter, position):
-            sample = self.adapter.prefix(pixels.to(next(self.adapter.blocks[0].parameters()).device), position)
-        layout = "feature-maps" if sample.ndim == 4 else "tokens"
-        if layout == "tokens" and args.channel_aug_gamma > 0:
-            raise ValueError(
-                f"--channel_aug_gamma {args.channel_aug_gamma} is for CNN feature maps, but the activations at block "
-                f"{position} are tokens {tuple(sample.shape[1:])}: use --token_aug_alpha."
-            )
-        if layout == "feature-maps" and args.token_aug_alpha > 0:
-            raise ValueError(
-                f"--token_aug_alpha {args.token_aug_alpha} is for transformer tokens, but the activations at block "
-                f"{position} are feature maps {tuple(sample.shape[1:])}: use --channel_aug_gamma."
-            )
-        if layout == "feature-maps":
-            return [
-                build_sidecar(
-                    "channel-flip", gamma=args.channel_aug_gamma, calibration_size=args.channel_aug_calibration_size
-                )
-            ]
-        return [
-            build_sidecar(
-                "token-replacement",
-                alpha=args.token_aug_alpha,
-                matching=args.token_aug_matching,
-                num_special_tokens=self.adapter.num_special_tokens,
-            )
-        ]
+        sidecars = []
+        if args.channel_aug_gamma > 0:
+            options = {"gamma": args.channel_aug_gamma, "calibration_size": args.channel_aug_calibration_size}
+            sidecars.append(build_sidecar("channel-flip", **options))
+        if args.token_aug_alpha > 0:
+            options = {
+                "alpha": args.token_aug_alpha,
+                "matching": args.token_aug_matching,
+                "num_special_tokens": self.adapter.num_special_tokens,
+            }
+            sidecars.append(build_sidecar("token-replacement", **options))
+        return sidecars
 
     def _reuse_or_build(
         self, position: int, folder: str, args: TrainingArguments, probe: dict[str, torch.Tensor] | None
     ) -> tuple[ActivationCache, bool]:
-        sidecars = self._sidecars(position)
+        sidecars = self._sidecars()
         parts = self._fingerprint(position, sidecars, args.seed)
         if os.path.isdir(folder):
             try:

@@ -14,7 +14,7 @@ SIDECARS: Registry[Sidecar] = Registry("cache sidecar")
 register_sidecar = SIDECARS.register
 
 from .channel_flip import FLIPPED_CHANNELS, ChannelFlipSidecar  # noqa: E402
-from .ssim import channel_data_range, channel_ssim  # noqa: E402
+from .ssim import channel_ssim  # noqa: E402
 from .token_replacement import REPLACEMENT_POSITIONS, REPLACEMENT_TOKENS, TokenReplacementSidecar  # noqa: E402
 
 
@@ -34,7 +34,6 @@ __all__ = [
     "SidecarArray",
     "TokenReplacementSidecar",
     "build_sidecar",
-    "channel_data_range",
     "channel_ssim",
     "register_sidecar",
 ]

@@ -54,7 +54,7 @@ class Sidecar(ABC):
     #: Training images `calibrate` wants (0: no calibration).
     calibration_size: int = 0
 
-    def calibrate(self, prefix: Prefix, images: Iterable[torch.Tensor]) -> None:  # noqa: B027 (optional hook)
+    def calibrate(self, prefix: Prefix, images: Iterable[torch.Tensor]) -> None:
         """Looks at `calibration_size` training images (batches of preprocessed pixels) before the build."""
 
     @abstractmethod

@@ -69,10 +69,14 @@ class ChannelFlipSidecar(Sidecar):
             channel_ssim(prefix(x).float().flip(-1), prefix(x.flip(-1)).float(), data_range).sum(0) for x in images
         )
         scores = (total / sum(len(x) for x in images)).cpu()
-        count = max(1, round(self.gamma * len(scores)))
-        order = torch.argsort(scores, stable=True)
         self.scores = scores.tolist()
-        self.channels = sorted(order[:count].tolist())
+        self.channels = self.select(scores, self.gamma)
+
+    @staticmethod
+    def select(scores: torch.Tensor, gamma: float) -> list[int]:
+        """The `round(gamma * C)` channels (at least one) of lowest SSIM `scores`, ties by index, sorted."""
+        count = max(1, round(gamma * len(scores)))
+        return sorted(torch.argsort(scores, stable=True)[:count].tolist())
 
     def arrays(self, sample_shape: tuple[int, ...]) -> dict[str, SidecarArray]:
         if self.channels is None:

@@ -50,8 +50,3 @@ def channel_ssim(a: torch.Tensor, b: torch.Tensor, data_range: torch.Tensor) -> 
     score = ssim.flatten(2).mean(-1)
     return torch.where(data_range.view(1, -1) > 0, score, torch.ones_like(score))
 
-
-def channel_data_range(*batches: torch.Tensor) -> torch.Tensor:
-    """`(C,)` max minus min of every channel over `(B, C, H, W)` batches: the data range SSIM compares against."""
-    stacked = torch.cat([batch.transpose(0, 1).flatten(1) for batch in batches], dim=1)
-    return (stacked.amax(1) - stacked.amin(1)).double()
