@@ -15,7 +15,9 @@ class FreezeCacheArguments:
     freeze_policy: str = field(
         default="none",
         metadata={
-            "help": "Freezing policy: 'none' (baseline), 'freezeout' (Brock et al. 2017), 'fixed' (a schedule)."
+            "help": "Freezing policy: 'none' (baseline), 'freezeout' (Brock et al. 2017), 'fixed' (a schedule), "
+            "'autofreeze' (Liu et al. 2021), 'smartfrz' (Li et al. 2024, shipped predictor), 'cka' (oracle: needs a "
+            "trained reference model), 'egeria' (Wang et al. 2023)."
         },
     )
     freezeout_t0: float = field(
@@ -48,6 +50,64 @@ class FreezeCacheArguments:
             "help": "Policy 'fixed': 'EPOCH:POSITION,...', e.g. '30:5,60:10' freezes blocks 0-4 at epoch 30 and "
             "blocks 0-9 at epoch 60. Epochs may be fractional."
         },
+    )
+    autofreeze_evaluations_per_epoch: int = field(
+        default=4, metadata={"help": "AutoFreeze: evaluations of the gradient-norm change rate per epoch (M)."}
+    )
+    autofreeze_percentile: float = field(
+        default=50.0,
+        metadata={
+            "help": "AutoFreeze: blocks whose change rate is at or below this percentile (N) of the unfrozen blocks' "
+            "rates are candidates; they freeze from the front only."
+        },
+    )
+    smartfrz_predictor: str | None = field(
+        default=None,
+        metadata={"help": "SmartFRZ: predictor file (FreezePredictor.save); default: the one shipped in the package."},
+    )
+    smartfrz_records_per_epoch: int = field(
+        default=4,
+        metadata={"help": "SmartFRZ: freezing stages per epoch; each records the tailored weights and decides."},
+    )
+    smartfrz_window: int = field(default=30, metadata={"help": "SmartFRZ: attention window, in records."})
+    smartfrz_min_records: int = field(
+        default=8, metadata={"help": "SmartFRZ: records a block needs before the predictor decides for it."}
+    )
+    smartfrz_threshold: float = field(
+        default=0.5, metadata={"help": "SmartFRZ: freeze when the predicted freeze probability exceeds this."}
+    )
+    smartfrz_seed: int = field(default=0, metadata={"help": "SmartFRZ: seed of the tailored weights' selection."})
+    cka_reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "Policy 'cka': output_dir or weights file of the same model trained to the end on the same data."
+        },
+    )
+    cka_evaluations_per_epoch: int = field(
+        default=4, metadata={"help": "CKA: evaluations of every unfrozen block's CKA to the reference per epoch."}
+    )
+    cka_window: int = field(
+        default=4,
+        metadata={"help": "CKA: a block freezes when its last this-many CKA values lie within --cka_tolerance."},
+    )
+    cka_tolerance: float = field(
+        default=0.02,
+        metadata={"help": "CKA: largest range (max - min) of the last --cka_window values of a stable block."},
+    )
+    egeria_evaluations_per_epoch: int = field(
+        default=4, metadata={"help": "Egeria: plasticity evaluations (and reference refreshes) per epoch."}
+    )
+    egeria_window: int = field(default=5, metadata={"help": "Egeria: plasticity values the slope is fitted over."})
+    egeria_slope_threshold: float = field(
+        default=0.02,
+        metadata={
+            "help": "Egeria: the front block freezes when its plasticity's slope per evaluation, relative to its "
+            "mean, is above minus this value (plasticity stopped decreasing)."
+        },
+    )
+    policy_probe_size: int = field(
+        default=256,
+        metadata={"help": "Policies 'cka' and 'egeria': training images in the fixed probe batch they evaluate on."},
     )
     block_modules: str | None = field(
         default=None,
@@ -192,6 +252,8 @@ class FreezeCacheArguments:
             raise ValueError(
                 f"--freeze_schedule is only used by --freeze_policy fixed, but the policy is {self.freeze_policy!r}."
             )
+        if self.policy_probe_size < 2:
+            raise ValueError(f"--policy_probe_size must be at least 2, got {self.policy_probe_size}.")
         if (self.stem_modules or self.head_modules) and not self.block_modules:
             raise ValueError("--stem_modules and --head_modules describe a generic model and need --block_modules.")
         self._check_discard_arguments()

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs the comparisons of docs/results.md (CPU): CIFAR ResNet-20 from scratch on a 10k CIFAR-10 subset, the shared
 # pretrained ResNet-20 fine-tuned on Fashion-MNIST, and a CPU-sized DeiT-Tiny (32x32 input, patch 4, width 192,
-# 12 blocks) from scratch on a 3k CIFAR-10 subset.
-#   bash recipes/run_results.sh scratch|finetune|vit OUT_DIR [RUN ...]
+# 12 blocks) from scratch on a 3k CIFAR-10 subset; scratch32 / finetune32 are the smaller ResNet-32 setups the
+# SmartFRZ predictor is trained on (recipes/train_smartfrz_predictor.sh).
+#   bash recipes/run_results.sh scratch|finetune|vit|scratch32|finetune32 OUT_DIR [RUN ...]
 # RUN is one of none, freezeout, fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
 # activations cached with the default codec), fixed-channel-G (fixed-discard plus similarity-aware channel
 # augmentation with gamma G, e.g. fixed-channel-0.1; CNNs), fixed-token-A / fixed-token-min-A (fixed-discard plus
-# token replacement with alpha A, matching by highest / lowest cosine similarity; ViTs); default: none freezeout
-# fixed. SEED (default 0) sets --seed.
+# token replacement with alpha A, matching by highest / lowest cosine similarity; ViTs), autofreeze, smartfrz,
+# egeria, cka (reference: the setup's `none` run, which must exist), smartfrz-discard / cka-discard (the same,
+# discarding the longest frozen prefix), record-S (no freezing, seed S: records the tailored weight history and
+# CKA to the `none` run into OUT_DIR/<setup>-record-S.npz for the predictor); default: none freezeout fixed.
+# SEED (default 0) sets --seed.
 # Each run uses one thread (pin it to a core with taskset for stable wall times).
 set -euo pipefail
 which=$1; out=$2; shift 2
@@ -26,6 +30,15 @@ elif [ "$which" = vit ]; then
         --dataset_name "$shared/data/cifar10" --max_train_samples 3000 --num_train_epochs 6
         --optim adamw_torch --learning_rate 1e-3 --weight_decay 0.05 --warmup_steps 0.1)
   fixed="2:4,4:8"
+elif [ "$which" = scratch32 ]; then
+  args=(--model resnet32 --dataset_name "$shared/data/cifar10" --max_train_samples 5000 "${sgd[@]}"
+        --num_train_epochs 10 --learning_rate 0.1 --weight_decay 5e-4)
+  fixed="4:5,7:10"
+elif [ "$which" = finetune32 ]; then
+  args=(--model resnet32 --pretrained_weights "$shared/models/resnet-cifar10/resnet32-d509ac18.th" "${sgd[@]}"
+        --dataset_name "$shared/data/fashion_mnist" --max_train_samples 5000
+        --num_train_epochs 4 --learning_rate 0.01 --weight_decay 5e-4)
+  fixed="1:5,2:10"
 else
   args=(--model resnet20 --pretrained_weights "$shared/models/resnet-cifar10/resnet20-12fca82f.th" "${sgd[@]}"
         --dataset_name "$shared/data/fashion_mnist" --max_train_samples 10000
@@ -33,8 +46,15 @@ else
   fixed="1:3,3:6"
 fi
 for run in "${runs[@]}"; do
+  script=(recipes/train_image_classifier.py)
   case $run in
-    none|freezeout) extra=(--freeze_policy "$run") ;;
+    none|freezeout|autofreeze|smartfrz|egeria) extra=(--freeze_policy "$run") ;;
+    smartfrz-discard) extra=(--freeze_policy smartfrz --discard true --cache_decode_threads 1) ;;
+    cka) extra=(--freeze_policy cka --cka_reference "$out/$which-none") ;;
+    cka-discard) extra=(--freeze_policy cka --cka_reference "$out/$which-none" --discard true --cache_decode_threads 1) ;;
+    record-*) script=(recipes/train_smartfrz_predictor.py record --reference "$out/$which-none"
+                      --history "$out/$which-$run.npz" --)
+              extra=(--seed "${run#record-}") ;;
     fixed) extra=(--freeze_policy fixed --freeze_schedule "$fixed") ;;
     fixed-discard) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1) ;;
     fixed-channel-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
@@ -43,10 +63,11 @@ for run in "${runs[@]}"; do
                               --token_aug_alpha "${run#fixed-token-min-}" --token_aug_matching min) ;;
     fixed-token-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
                           --token_aug_alpha "${run#fixed-token-}") ;;
-    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A)" >&2
+    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A," \
+            "autofreeze, smartfrz[-discard], egeria, cka[-discard], record-S)" >&2
        exit 2 ;;
   esac
   rm -rf "$out/$which-$run"
-  python recipes/train_image_classifier.py "${args[@]}" "${common[@]}" "${extra[@]}" \
+  python "${script[@]}" "${args[@]}" "${common[@]}" "${extra[@]}" \
     --output_dir "$out/$which-$run" > "$out/$which-$run.log" 2>&1
 done

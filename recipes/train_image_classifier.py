@@ -99,7 +99,9 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[str, float]:
+    """Parses `argv` (default: the command line), trains, saves and evaluates; `callbacks` are added to the
+    Trainer's (e.g. `HistoryRecorder` in `train_smartfrz_predictor.py`)."""
     model_args, data_args, training_args, freeze_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         compute_metrics=compute_accuracy,
         freeze_args=freeze_args,
         cache_dataset=data.train_unaugmented,
+        callbacks=callbacks,
     )
 
     checkpoint = training_args.resume_from_checkpoint

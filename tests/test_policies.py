@@ -49,7 +49,10 @@ def test_fixed_schedule_freezes_prefixes_at_epochs():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"freeze_policy": "bogus"}, "--freeze_policy 'bogus' is not a known policy; choose one of fixed, freezeout"),
+        (
+            {"freeze_policy": "bogus"},
+            "--freeze_policy 'bogus' is not a known policy; choose one of autofreeze, cka, egeria, fixed",
+        ),
         ({"freeze_policy": "freezeout", "freezeout_t0": 0.0}, r"--freezeout_t0 must be in \(0, 1\], got 0.0"),
         ({"freeze_policy": "freezeout", "freezeout_t0": 1.5}, r"--freezeout_t0 must be in \(0, 1\], got 1.5"),
         ({"freeze_policy": "freezeout", "freezeout_scaling": "square"}, "'linear' or 'cubic', got 'square'"),

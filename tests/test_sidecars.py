@@ -298,9 +298,10 @@ def test_token_matching_is_by_content_and_keeps_the_least_similar_pairs():
     augmented[0, [special + w for w in where]] = torch.randn(2, dim)
     tokens, positions = TokenReplacementSidecar(alpha=0.2, num_special_tokens=special).select(original, augmented)
     assert sorted(positions[0].tolist()) == [special + i for i in changed]
-    matched = torch.nn.functional.normalize(original[0, positions[0].long()], dim=-1) @ torch.nn.functional.normalize(
-        augmented[0, special:], dim=-1
-    ).T
+    matched = (
+        torch.nn.functional.normalize(original[0, positions[0].long()], dim=-1)
+        @ torch.nn.functional.normalize(augmented[0, special:], dim=-1).T
+    )
     for k in range(2):  # each stored token is the augmented token of highest similarity to the original one
         assert torch.equal(tokens[0, k], augmented[0, special + int(matched[k].argmax())])
     # Algorithm 1's literal reading: the least similar partner of each token, then the lowest of those.
@@ -320,8 +321,11 @@ def test_token_replacement_puts_the_stored_tokens_at_the_stored_positions_only()
         assert torch.equal(out[b, kept], tokens[b, kept])
     half = TokenAugmentation(num_special_tokens=1, replace_probability=0.5)
     generator = torch.Generator().manual_seed(0)
-    mixed = half(tokens.repeat(20, 1, 1), {REPLACEMENT_TOKENS: stored.repeat(20, 1, 1),
-                                          REPLACEMENT_POSITIONS: positions.repeat(20, 1)}, generator)
+    mixed = half(
+        tokens.repeat(20, 1, 1),
+        {REPLACEMENT_TOKENS: stored.repeat(20, 1, 1), REPLACEMENT_POSITIONS: positions.repeat(20, 1)},
+        generator,
+    )
     replaced = ~(mixed == tokens.repeat(20, 1, 1)).flatten(1).all(1)
     assert 30 < int(replaced.sum()) < 90
     with pytest.raises(ValueError, match=r"must be patch tokens, in \[1, 9\)"):
@@ -331,8 +335,15 @@ def test_token_replacement_puts_the_stored_tokens_at_the_stored_positions_only()
     assert torch.equal(torch.get_rng_state(), state)
 
 
-TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                intermediate_size=64, num_labels=10)
+TINY_VIT = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_labels=10,
+)
 TINY_TIMM_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
 
 

@@ -28,6 +28,7 @@ class FreezeStateRecord:
             bytes, compression ratio, build seconds, whether an existing cache was reused.
         decode_seconds (`float`, *optional*): Time spent decoding cache chunks in the training process (None when
             DataLoader workers decoded).
+        policy_seconds (`float`): Time the freezing policy spent observing and deciding (part of `wall_time_s`).
     """
 
     frozen_blocks: list[int]
@@ -44,6 +45,7 @@ class FreezeStateRecord:
     one_off_flops: float = 0.0
     cache: dict[str, Any] | None = None
     decode_seconds: float | None = None
+    policy_seconds: float = 0.0
 
     @property
     def epochs(self) -> float:
@@ -72,6 +74,8 @@ class CostReport:
         train_samples (`int`): Samples per epoch.
         device (`str`): Where training ran.
         states (`list[FreezeStateRecord]`): In order.
+        freeze_events (`list[dict]`): The freeze timeline: per block frozen, `block`, `name`, `step`, `epoch` and the
+            `evidence` the policy decided from.
     """
 
     model: str
@@ -80,6 +84,7 @@ class CostReport:
     train_samples: int
     device: str
     states: list[FreezeStateRecord] = field(default_factory=list)
+    freeze_events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_training_flops(self) -> float | None:
@@ -108,6 +113,11 @@ class CostReport:
         """Training time of all states plus cache builds (evaluation and checkpointing excluded)."""
         return sum(s.wall_time_s for s in self.states) + self.cache_build_seconds
 
+    @property
+    def policy_seconds(self) -> float:
+        """Time the policy spent observing and deciding, over the run."""
+        return sum(s.policy_seconds for s in self.states)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -121,15 +131,17 @@ class CostReport:
                 "minimum_memory_bytes": self.minimum_memory_bytes,
                 "wall_time_s": self.wall_time_s,
                 "cache_build_seconds": self.cache_build_seconds,
+                "policy_seconds": self.policy_seconds,
             },
             "states": [asdict(s) for s in self.states],
+            "freeze_events": self.freeze_events,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CostReport:
         states = [FreezeStateRecord(**s) for s in data["states"]]
         fields = ("model", "policy", "num_blocks", "train_samples", "device")
-        return cls(**{k: data[k] for k in fields}, states=states)
+        return cls(**{k: data[k] for k in fields}, states=states, freeze_events=data.get("freeze_events", []))
 
     def to_markdown(self) -> str:
         """The report as markdown: one row per freeze state, then the totals."""
@@ -156,8 +168,23 @@ class CostReport:
             f"- average memory: {_fmt(self.average_memory_bytes, 2**20, 1)} MB; "
             f"minimum memory: {_fmt(self.minimum_memory_bytes, 2**20, 1)} MB",
             f"- training wall time: {self.wall_time_s:.1f} s (of which building caches: "
-            f"{self.cache_build_seconds:.1f} s)",
+            f"{self.cache_build_seconds:.1f} s; the policy observing and deciding: {self.policy_seconds:.1f} s, "
+            f"{self.policy_seconds / max(self.wall_time_s, 1e-9):.1%})",
         ]
+        if self.freeze_events:
+            lines += [
+                "",
+                "Freeze timeline:",
+                "",
+                "| block | name | step | epoch | decided from |",
+                "|---|---|---|---|---|",
+            ]
+            for event in self.freeze_events:
+                evidence = ", ".join(f"{k} {v:.4g}" for k, v in event.get("evidence", {}).items()) or "-"
+                lines.append(
+                    f"| {event['block']} | {event.get('name', '')} | {event['step']} | {event['epoch']:.2f} | "
+                    f"{evidence} |"
+                )
         caches = [s for s in self.states if s.cache]
         if caches:
             lines += [

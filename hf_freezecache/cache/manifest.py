@@ -169,7 +169,6 @@ class CacheManifest:
         return f", and the augmentation sidecars {columns}; float32 arrays use the same codec as `data`"
 
 
-
 def file_sha256(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

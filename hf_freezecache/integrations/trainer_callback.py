@@ -13,9 +13,10 @@ from transformers.trainer_callback import ExportableState
 
 from ..accounting import CostReport, FreezeStateRecord, measure_step_cost
 from ..config import FreezeCacheArguments
+from ..data.batches import probe_batch
 from ..freezing import ACTIVATIONS_KEY, BlockUpdateScaler, FreezingEngine
 from ..models import get_block_adapter
-from ..policies import TrainingProgress, build_policy
+from ..policies import BlockProbe, TrainingProgress, build_policy
 from .discard import DiscardController
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         self._clock = 0.0
         self._decode_seconds_at_open = 0.0
         self._dataloader_workers = 0
+        self._policy_seconds = 0.0  # policy time not yet charged to a freeze state
         # Set by `FreezeCacheTrainer` when --discard is on: it owns the dataset and collator that a discard switches.
         self.discard_controller: DiscardController | None = None
         if model is not None:
@@ -81,8 +83,10 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         if optimizer is not None:
             self.engine.attach_optimizer(optimizer)
         if self.freeze_args.cost_report and dataloader is not None:
-            self._probe = _probe_batch(dataloader, args.per_device_train_batch_size, args.device)
+            self._probe = probe_batch(dataloader, args.per_device_train_batch_size, args.device)
             self._cost_batch = self._probe
+        if self.policy.needs_probe:
+            self._give_policy_probe(dataloader, args)
         saved = self._saved_state(state)
         if saved is not None:
             self._restore(saved, args)
@@ -96,8 +100,13 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                 train_samples=_dataset_size(dataloader, state, args),
                 device=str(args.device),
             )
-            self.engine.freeze(self.policy.blocks_to_freeze(self._progress(state), frozenset()))
+            self._freeze(self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset()), state)
             self._open_state(state, kwargs.get("optimizer"))
+        # The policy's setup (probe, reference) ran before the clock: charge it to the state it began in.
+        record = self.report.states[-1]
+        record.wall_time_s += self._policy_seconds
+        record.policy_seconds += self._policy_seconds
+        self._policy_seconds = 0.0
         self._clock = time.perf_counter()
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -117,8 +126,8 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         progress = self._progress(state)
-        self.policy.observe_gradients(progress)
-        self.scaler.before_step(self.policy.lr_scales(progress, frozenset(self.engine.frozen)))
+        self._timed(self.policy.observe_gradients, progress)
+        self.scaler.before_step(self._timed(self.policy.lr_scales, progress, frozenset(self.engine.frozen)))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.scaler.after_step()
@@ -129,7 +138,12 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         record.end_step, record.end_epoch = state.global_step, float(state.epoch or 0.0)
         if self._cost_pending:
             self._measure(record, kwargs.get("optimizer"))
-        new = self.engine.freeze(self.policy.blocks_to_freeze(self._progress(state), frozenset(self.engine.frozen)))
+        before = self._policy_seconds
+        decided = self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset(self.engine.frozen))
+        record.wall_time_s += self._policy_seconds - before  # deciding is training time (after the step's clock)
+        record.policy_seconds += self._policy_seconds  # also what `observe_gradients` took inside the step
+        self._policy_seconds = 0.0
+        new = self._freeze(decided, state)
         if new:
             self._close_state()
             logger.info(
@@ -159,6 +173,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         }
         if self.report.total_training_flops is not None:
             extra["training_flops"] = self.report.total_training_flops
+        extra.update(self.policy.log_values())
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
@@ -178,6 +193,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             resume = {
                 "frozen": sorted(self.engine.frozen),
                 "policy": self.policy.state_dict(),
+                "evidence": {str(k): v for k, v in self.policy.evidence.items()},
                 "report": self.report.to_dict() if self.report else None,
                 "cost_pending": self._cost_pending,
                 "discarded_prefix": self.discard_controller.position if self.discard_controller else 0,
@@ -195,6 +211,38 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         self.engine = FreezingEngine(adapter)
         self.scaler = BlockUpdateScaler(adapter)
 
+    def _timed(self, call, *args):
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._policy_seconds += time.perf_counter() - start
+
+    def _freeze(self, blocks: set[int], state: TrainerState) -> list[int]:
+        """Freezes `blocks` and writes the newly frozen ones, with what the policy decided from, into the timeline."""
+        new = self.engine.freeze(blocks)
+        names = self.engine.adapter.block_names()
+        for index in new:
+            self.report.freeze_events.append(
+                {
+                    "block": index,
+                    "name": names[index],
+                    "step": state.global_step,
+                    "epoch": float(state.epoch or 0.0),
+                    "evidence": dict(self.policy.evidence.get(index, {})),
+                }
+            )
+        return new
+
+    def _give_policy_probe(self, dataloader, args: TrainingArguments) -> None:
+        """Hands the policy its fixed probe batch: the first `--policy_probe_size` training images."""
+        if dataloader is None:
+            raise ValueError(f"--freeze_policy {self.policy.name} needs the training dataloader for its probe batch.")
+        size = self.freeze_args.policy_probe_size
+        pixel_values = probe_batch(dataloader, size, args.device)["pixel_values"]
+        restore = self.discard_controller.prefix.restored if self.discard_controller is not None else None
+        self._timed(self.policy.set_probe, BlockProbe(self.engine.adapter, pixel_values, restore=restore))
+
     def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
         restored = getattr(self, "resume_state", None)  # set by Trainer when restore_callback_states is on
         if restored is None and state.global_step > 0:
@@ -211,6 +259,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
     def _restore(self, saved: dict[str, Any], args: TrainingArguments) -> None:
         self.engine.freeze(saved["frozen"])
         self.policy.load_state_dict(saved["policy"])
+        self.policy.evidence = {int(k): v for k, v in saved.get("evidence", {}).items()}
         self.report = CostReport.from_dict(saved["report"])
         self._cost_pending = saved["cost_pending"]
         position = saved.get("discarded_prefix", 0)
@@ -298,15 +347,3 @@ def _dataset_size(dataloader, state: TrainerState, args: TrainingArguments) -> i
         return len(dataloader.dataset)
     except (AttributeError, TypeError):
         return state.train_batch_size * args.gradient_accumulation_steps * args.world_size * state.max_steps
-
-
-def _probe_batch(dataloader, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """One training batch of the per-device size, for cost measurement, taken without advancing training's RNG."""
-    # accelerate's prepared dataloader batches through a sampler and reports `batch_size=None`: size it explicitly.
-    with torch.random.fork_rng(devices=[]):
-        dataset, size = dataloader.dataset, batch_size
-        if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-            batch = dataloader.collate_fn([dataset[i] for i in range(min(size, len(dataset)))])
-        else:
-            batch = next(iter(dataloader))
-    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._registry import Registry
+from ._probe import BlockProbe, linear_cka
 from .base import FreezePolicy, TrainingProgress
 
 if TYPE_CHECKING:
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 POLICIES: Registry[FreezePolicy] = Registry("freeze policy")
 register_policy = POLICIES.register
 
-from . import fixed, freezeout, none  # noqa: E402, F401, I001
+from . import autofreeze, cka, egeria, fixed, freezeout, none, smartfrz  # noqa: E402, F401, I001
 
 
 def build_policy(config: FreezeCacheArguments) -> FreezePolicy:
@@ -21,4 +22,12 @@ def build_policy(config: FreezeCacheArguments) -> FreezePolicy:
     return POLICIES.get(config.freeze_policy)(config)
 
 
-__all__ = ["POLICIES", "FreezePolicy", "TrainingProgress", "build_policy", "register_policy"]
+__all__ = [
+    "POLICIES",
+    "BlockProbe",
+    "FreezePolicy",
+    "TrainingProgress",
+    "build_policy",
+    "linear_cka",
+    "register_policy",
+]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from ..config import FreezeCacheArguments
     from ..models import BlockAdapter
+    from ._probe import BlockProbe
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,26 @@ class FreezePolicy(ABC):
 
     The callback calls, every optimizer step: `observe_gradients` and `lr_scales` before the optimizer step (gradients
     are present), then `blocks_to_freeze` after it. Policies that keep history return it from `state_dict` so it is
-    saved in Trainer checkpoints and restored on resume. Blocks never unfreeze.
+    saved in Trainer checkpoints and restored on resume. Blocks never unfreeze. A policy may freeze blocks in any
+    order; only the longest frozen prefix runs without gradients and can be discarded.
+
+    Policies that watch representations set `needs_probe`: the callback then hands them a `BlockProbe` (a fixed batch
+    of `--policy_probe_size` training images) before the first step. What a policy decided from is kept in
+    `evidence` (per block, the numbers of its latest evaluation): the callback logs it with the Trainer's logs and
+    writes it into the freeze timeline of the cost report when the block freezes.
 
     Args:
         config (`FreezeCacheArguments`): The run's options; a policy reads its own `<policy>_*` fields.
     """
 
     name: ClassVar[str] = ""
+    needs_probe: ClassVar[bool] = False
 
     def __init__(self, config: FreezeCacheArguments) -> None:
         self.config = config
         self.adapter: BlockAdapter | None = None
+        self.probe: BlockProbe | None = None
+        self.evidence: dict[int, dict[str, float]] = {}
 
     @classmethod
     def check_arguments(cls, config: FreezeCacheArguments) -> None:
@@ -57,6 +67,10 @@ class FreezePolicy(ABC):
     def setup(self, adapter: BlockAdapter) -> None:
         """Binds the policy to a model; raises `ValueError` when the options do not fit it (e.g. a block index)."""
         self.adapter = adapter
+
+    def set_probe(self, probe: BlockProbe) -> None:
+        """Receives the probe batch (only called when `needs_probe`), after `setup` and before the first step."""
+        self.probe = probe
 
     @abstractmethod
     def blocks_to_freeze(self, progress: TrainingProgress, frozen: frozenset[int]) -> set[int]:
@@ -75,6 +89,14 @@ class FreezePolicy(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what `state_dict` returned."""
+
+    def log_values(self) -> dict[str, float]:
+        """The latest evidence as flat Trainer log entries, `<policy>/<quantity>_<block>`."""
+        return {
+            f"{self.name}/{key}_{block}": value
+            for block, values in sorted(self.evidence.items())
+            for key, value in values.items()
+        }
 
     def describe(self) -> str:
         """One line for reports."""

@@ -49,4 +49,3 @@ def channel_ssim(a: torch.Tensor, b: torch.Tensor, data_range: torch.Tensor) -> 
     ssim = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua * ua + ub * ub + c1) * (va + vb + c2))
     score = ssim.flatten(2).mean(-1)
     return torch.where(data_range.view(1, -1) > 0, score, torch.ones_like(score))
-

@@ -1,0 +1,88 @@
+"""`smartfrz` (Li et al. 2024, "SmartFRZ"): an attention predictor decides from each block's weight history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import register_policy
+from .._schedule import EvaluationClock, decode_array, encode_array
+from ..base import FreezePolicy, TrainingProgress
+from .predictor import FreezePredictor
+from .tailoring import WeightTailor
+
+
+@register_policy("smartfrz")
+class SmartFRZ(FreezePolicy):
+    """Freezes each block the moment the predictor says its weight history has converged.
+
+    `--smartfrz_records_per_epoch` times per epoch (one "freezing stage"), the tailored weights of every unfrozen block
+    are recorded (`--smartfrz_tailored_size` fixed random weights, `WeightTailor`). Once a block has
+    `--smartfrz_min_records` records, the predictor reads its last `--smartfrz_window` records and the block freezes
+    when P(freeze) > `--smartfrz_threshold` (0.5: the paper's argmax). Blocks may freeze in any order; only the
+    longest frozen prefix is discarded. A frozen block's history is dropped. The predictor is the one shipped with
+    hf_freezecache unless `--smartfrz_predictor` names another file written by `FreezePredictor.save`.
+    """
+
+    name = "smartfrz"
+
+    @classmethod
+    def check_arguments(cls, config) -> None:
+        for flag in ("smartfrz_records_per_epoch", "smartfrz_window", "smartfrz_min_records"):
+            if getattr(config, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, got {getattr(config, flag)}.")
+        if config.smartfrz_min_records > config.smartfrz_window:
+            raise ValueError(
+                f"--smartfrz_min_records ({config.smartfrz_min_records}) cannot exceed --smartfrz_window "
+                f"({config.smartfrz_window})."
+            )
+        if not 0.0 < config.smartfrz_threshold < 1.0:
+            raise ValueError(f"--smartfrz_threshold must be in (0, 1), got {config.smartfrz_threshold}.")
+
+    def setup(self, adapter) -> None:
+        super().setup(adapter)
+        cfg = self.config
+        self.predictor = FreezePredictor.from_file(cfg.smartfrz_predictor)
+        self.tailor = WeightTailor(adapter, self.predictor.input_size, seed=cfg.smartfrz_seed)
+        self.clock = EvaluationClock(cfg.smartfrz_records_per_epoch)
+        self.history: dict[int, list[torch.Tensor]] = {}
+
+    def blocks_to_freeze(self, progress: TrainingProgress, frozen: frozenset[int]) -> set[int]:
+        if not self.clock.due(progress):
+            return set()
+        cfg = self.config
+        decided = set()
+        self.evidence = {}
+        for index in range(self.adapter.num_blocks):
+            if index in frozen:
+                self.history.pop(index, None)
+                continue
+            records = self.history.setdefault(index, [])
+            records.append(self.tailor.record(index))
+            del records[: -cfg.smartfrz_window]
+            if len(records) < cfg.smartfrz_min_records:
+                continue
+            probability = self.predictor.freeze_probability(torch.stack(records))
+            self.evidence[index] = {"freeze_probability": probability, "records": float(len(records))}
+            if probability > cfg.smartfrz_threshold:
+                decided.add(index)
+        return decided
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "clock": self.clock.last,
+            "history": {str(k): encode_array(torch.stack(v).numpy()) for k, v in self.history.items() if v},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clock.last = state["clock"]
+        self.history = {
+            int(k): list(torch.from_numpy(np.asarray(decode_array(v)))) for k, v in state["history"].items()
+        }
+
+    def describe(self) -> str:
+        cfg = self.config
+        source = cfg.smartfrz_predictor or "shipped predictor"
+        return f"smartfrz ({source}, window {cfg.smartfrz_window}, {cfg.smartfrz_records_per_epoch} records/epoch)"
