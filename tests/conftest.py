@@ -10,6 +10,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: A 3-block transformers ViT/DeiT config for 32x32 images (add `num_labels`).
+TINY_VIT = dict(
+    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
+)
+#: The same for timm's VisionTransformer.
+TINY_TIMM_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
 sys.path.insert(0, str(ROOT / "recipes"))
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
+from conftest import TINY_TIMM_VIT, TINY_VIT
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -28,10 +29,6 @@ from hf_freezecache.models.hf_vit import HFDeiTAdapter, HFViTAdapter
 from hf_freezecache.models.timm_resnet import TimmResNetAdapter
 from hf_freezecache.models.timm_vit import TimmViTAdapter
 
-TINY_VIT = dict(
-    image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64
-)
-TINY_TIMM_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
 TORCHVISION_RESNET18_BLOCKS = [f"layer{stage}.{index}" for stage in range(1, 5) for index in range(2)]
 
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT
 from transformers import TrainingArguments, set_seed
 
 from hf_freezecache import FreezeCacheArguments, FreezeCacheTrainer
@@ -481,15 +482,7 @@ def test_egeria_resume_takes_a_new_reference_first(data, tmp_path):
 def test_representation_policies_work_on_a_vision_transformer(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=10,
-    )
+    config = ViTConfig(**TINY_VIT, num_labels=10)
     torch.manual_seed(0)
     model = ViTForImageClassification(config)
     torch.save(ViTForImageClassification(config).state_dict(), tmp_path / "reference.bin")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TIMM_VIT, TINY_VIT
 from skimage.metrics import structural_similarity
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -335,23 +336,11 @@ def test_token_replacement_puts_the_stored_tokens_at_the_stored_positions_only()
     assert torch.equal(torch.get_rng_state(), state)
 
 
-TINY_VIT = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    intermediate_size=64,
-    num_labels=10,
-)
-TINY_TIMM_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
-
-
 @pytest.mark.parametrize(
     ("build", "special"),
     [
-        (lambda: ViTForImageClassification(ViTConfig(**TINY_VIT)), 1),
-        (lambda: DeiTForImageClassification(DeiTConfig(**TINY_VIT)), 2),
+        (lambda: ViTForImageClassification(ViTConfig(**TINY_VIT, num_labels=10)), 1),
+        (lambda: DeiTForImageClassification(DeiTConfig(**TINY_VIT, num_labels=10)), 2),
         (lambda: VisionTransformer(**TINY_TIMM_VIT), 1),
         (lambda: VisionTransformerDistilled(**TINY_TIMM_VIT), 2),
     ],

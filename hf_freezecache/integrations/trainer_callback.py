@@ -221,7 +221,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
     def _freeze(self, blocks: set[int], state: TrainerState) -> list[int]:
         """Freezes `blocks` and writes the newly frozen ones, with what the policy decided from, into the timeline."""
         new = self.engine.freeze(blocks)
-        names = self.engine.adapter.block_names()
+        names = self.engine.adapter.block_names() if new else []
         for index in new:
             self.report.freeze_events.append(
                 {
@@ -274,12 +274,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
 
     def _progress(self, state: TrainerState) -> TrainingProgress:
-        return TrainingProgress(
-            global_step=state.global_step,
-            max_steps=state.max_steps,
-            epoch=float(state.epoch or 0.0),
-            num_train_epochs=float(state.num_train_epochs),
-        )
+        return TrainingProgress.from_trainer_state(state)
 
     def _open_state(
         self, state: TrainerState, optimizer: torch.optim.Optimizer | None, cache: dict[str, Any] | None = None

@@ -39,6 +39,7 @@ class AutoFreeze(FreezePolicy):
     def setup(self, adapter) -> None:
         super().setup(adapter)
         self.clock = EvaluationClock(self.config.autofreeze_evaluations_per_epoch)
+        self._block_params = [adapter.block_parameters(index) for index in range(adapter.num_blocks)]
         self._norm_sums: torch.Tensor | None = None  # on the training device: no host sync per step
         self._steps = 0
         self.previous_norms: dict[int, float] = {}
@@ -46,8 +47,8 @@ class AutoFreeze(FreezePolicy):
     @torch.no_grad()
     def observe_gradients(self, progress: TrainingProgress) -> None:
         norms = []
-        for index in range(self.adapter.num_blocks):
-            grads = [p.grad for p in self.adapter.block_parameters(index) if p.requires_grad and p.grad is not None]
+        for params in self._block_params:
+            grads = [p.grad for p in params if p.requires_grad and p.grad is not None]
             norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None)
         if all(n is None for n in norms):
             return

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from transformers import TrainerState
+
     from ..config import FreezeCacheArguments
     from ..models import BlockAdapter
     from ._probe import BlockProbe
@@ -27,6 +29,11 @@ class TrainingProgress:
     max_steps: int
     epoch: float
     num_train_epochs: float
+
+    @classmethod
+    def from_trainer_state(cls, state: TrainerState) -> TrainingProgress:
+        """Where `Trainer` stands, from its `TrainerState`."""
+        return cls(state.global_step, state.max_steps, float(state.epoch or 0.0), float(state.num_train_epochs))
 
     @property
     def fraction(self) -> float:

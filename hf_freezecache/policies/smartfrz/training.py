@@ -71,9 +71,7 @@ class HistoryRecorder(TrainerCallback):
         self.reference_state = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        progress = TrainingProgress(
-            state.global_step, state.max_steps, float(state.epoch or 0.0), state.num_train_epochs
-        )
+        progress = TrainingProgress.from_trainer_state(state)
         if not self.clock.due(progress):
             return
         blocks = range(self.tailor.adapter.num_blocks)
