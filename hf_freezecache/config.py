@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,7 +129,10 @@ class FreezeCacheArguments:
     )
     cost_report: bool = field(
         default=True,
-        metadata={"help": "Measure FLOPs and memory of every freeze state and write cost_report.json/.md at the end."},
+        metadata={
+            "help": "Measure FLOPs and memory of every freeze state and write cost_report.json/.md and its plots "
+            "(freeze_timeline.png, state_costs.png, compression.png) at the end."
+        },
     )
     discard: bool = field(
         default=False,
@@ -177,7 +183,11 @@ class FreezeCacheArguments:
         metadata={"help": "Batch size of the one-off prefix pass; default per_device_eval_batch_size."},
     )
     cache_decode_threads: int = field(
-        default=2, metadata={"help": "Threads decoding the chunks of a batch (per DataLoader worker)."}
+        default=2,
+        metadata={
+            "help": "Threads decoding the chunks of a batch (per DataLoader worker), and encoding chunks while a "
+            "cache is built."
+        },
     )
     cache_max_shard_size: str = field(default="500MB", metadata={"help": "Largest Arrow shard of a cache."})
     feature_augmentation: str = field(
@@ -264,7 +274,8 @@ class FreezeCacheArguments:
         from .cache import CODECS
 
         if self.discard_positions is not None and not self.discard:
-            raise ValueError("--discard_positions is only used with --discard true.")
+            # Not an error: a recipe config lists the positions, and its no-discard rows only switch --discard off.
+            logger.warning("--discard_positions %s is ignored without --discard true.", self.discard_positions)
         self.parsed_discard_positions()
         if self.cache_codec not in CODECS:
             raise ValueError(

@@ -16,35 +16,17 @@
 set -euo pipefail
 which=$1; out=$2; shift 2
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(none freezeout fixed)
-shared=${SHARED:-../shared}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-common=(--per_device_train_batch_size 128 --per_device_eval_batch_size 500 --lr_scheduler_type cosine
-        --eval_strategy no --save_strategy no --logging_steps 20 --dataloader_num_workers 0 --report_to none --disable_tqdm true --seed "${SEED:-0}")
-sgd=(--optim sgd --optim_args momentum=0.9)
-if [ "$which" = scratch ]; then
-  args=(--model resnet20 --dataset_name "$shared/data/cifar10" --max_train_samples 10000 "${sgd[@]}"
-        --num_train_epochs 15 --learning_rate 0.1 --weight_decay 5e-4)
-  fixed="5:3,10:6"
-elif [ "$which" = vit ]; then
-  args=(--model timm:deit_tiny_patch16_224 --timm_kwargs '{"img_size": 32, "patch_size": 4}'
-        --dataset_name "$shared/data/cifar10" --max_train_samples 3000 --num_train_epochs 6
-        --optim adamw_torch --learning_rate 1e-3 --weight_decay 0.05 --warmup_steps 0.1)
-  fixed="2:4,4:8"
-elif [ "$which" = scratch32 ]; then
-  args=(--model resnet32 --dataset_name "$shared/data/cifar10" --max_train_samples 5000 "${sgd[@]}"
-        --num_train_epochs 10 --learning_rate 0.1 --weight_decay 5e-4)
-  fixed="4:5,7:10"
-elif [ "$which" = finetune32 ]; then
-  args=(--model resnet32 --pretrained_weights "$shared/models/resnet-cifar10/resnet32-d509ac18.th" "${sgd[@]}"
-        --dataset_name "$shared/data/fashion_mnist" --max_train_samples 5000
-        --num_train_epochs 4 --learning_rate 0.01 --weight_decay 5e-4)
-  fixed="1:5,2:10"
-else
-  args=(--model resnet20 --pretrained_weights "$shared/models/resnet-cifar10/resnet20-12fca82f.th" "${sgd[@]}"
-        --dataset_name "$shared/data/fashion_mnist" --max_train_samples 10000
-        --num_train_epochs 5 --learning_rate 0.01 --weight_decay 5e-4)
-  fixed="1:3,3:6"
-fi
+# Each setup is a config file in recipes/configs/cpu (paths relative to the repository root, where this runs), with
+# the fixed schedule of its `fixed*` runs.
+case $which in
+  scratch) config=resnet20_cifar10_scratch; fixed="5:3,10:6" ;;
+  finetune) config=resnet20_fashion_mnist_finetune; fixed="1:3,3:6" ;;
+  vit) config=deit_tiny_cifar10_scratch; fixed="2:4,4:8" ;;
+  scratch32) config=resnet32_cifar10_scratch; fixed="4:5,7:10" ;;
+  finetune32) config=resnet32_fashion_mnist_finetune; fixed="1:5,2:10" ;;
+  *) echo "unknown setup $which (scratch, finetune, vit, scratch32, finetune32)" >&2; exit 2 ;;
+esac
 for run in "${runs[@]}"; do
   script=(recipes/train_image_classifier.py)
   case $run in
@@ -68,6 +50,6 @@ for run in "${runs[@]}"; do
        exit 2 ;;
   esac
   rm -rf "$out/$which-$run"
-  python "${script[@]}" "${args[@]}" "${common[@]}" "${extra[@]}" \
+  python "${script[@]}" "recipes/configs/cpu/$config.yaml" --seed "${SEED:-0}" "${extra[@]}" \
     --output_dir "$out/$which-$run" > "$out/$which-$run.log" 2>&1
 done

@@ -5,7 +5,8 @@
 
 Reads each run folder's `cost_report.json` and `eval_results.json` and prints one markdown row per run: accuracy,
 training FLOPs and wall time (and their ratio to the first run), the policy's own time, and the frozen / discarded
-blocks at the end. The PNG has one panel per run: block index against epoch, each block shaded from when it froze.
+blocks at the end. The PNG has one panel per run (`hf_freezecache.accounting.plot_freeze_timeline`): block index
+against epoch, each block grey while it trains, shaded once frozen and hatched once discarded, freeze events marked.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import argparse
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hf_freezecache.accounting import CostReport, plot_freeze_timeline
 
 
 def _load(folder: str, name: str) -> dict:
@@ -53,37 +51,8 @@ def table(folders: list[str]) -> str:
 
 
 def plot_timeline(folders: list[str], path: str, title: str) -> None:
-    reports = [_load(folder, "cost_report.json") for folder in folders]
-    epochs = max(r["states"][-1]["end_epoch"] for r in reports)
-    fig, axes = plt.subplots(len(folders), 1, figsize=(7, 1.1 + 1.0 * len(folders)), sharex=True, squeeze=False)
-    for ax, folder, report in zip(axes[:, 0], folders, reports, strict=True):
-        n = report["num_blocks"]
-        for event in report["freeze_events"]:
-            ax.barh(event["block"], epochs - event["epoch"], left=event["epoch"], height=0.8, color="tab:blue")
-        discards = [(s["start_epoch"], s["discarded_prefix"]) for s in report["states"] if s["discarded_prefix"]]
-        for start, position in discards:
-            ax.barh(
-                (position - 1) / 2,
-                epochs - start,
-                left=start,
-                height=position,
-                color="none",
-                hatch="//",
-                edgecolor="tab:red",
-                linewidth=0,
-            )
-        ax.set_ylim(-0.6, n - 0.4)
-        ax.set_yticks(range(0, n, max(1, n // 4)))
-        ax.set_ylabel("block")
-        ax.set_title(_name(folder), fontsize=9, loc="left")
-        ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlim(0, epochs)
-    axes[-1, 0].set_xlabel("epoch (shaded: frozen; hatched: discarded)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    reports = {_name(folder): CostReport.from_dict(_load(folder, "cost_report.json")) for folder in folders}
+    plot_freeze_timeline(reports, path, title=title)
 
 
 def main() -> None:

@@ -60,3 +60,14 @@ def cifar_batch(cifar_data):
     from hf_freezecache.data import collate_image_batch
 
     return collate_image_batch([cifar_data.train[i] for i in range(16)])
+
+
+@pytest.fixture
+def hub():
+    """An in-memory Hub (`fake_hub.FakeHub`) behind huggingface_hub's HTTP client for the test's duration."""
+    import fake_hub
+
+    fake = fake_hub.FakeHub()
+    fake_hub.install(fake)
+    yield fake
+    fake_hub.restore()

@@ -54,5 +54,14 @@ def test_report_totals_follow_appendix_a1():
     assert report.total_training_flops == pytest.approx(100 * (30 * 2 + 20 * 1 + 10 * 1))
     assert report.average_memory_bytes == pytest.approx((900 * 2 + 600 + 300) / 4)
     assert report.minimum_memory_bytes == 300
+    # Against 4 epochs at the first state's (nothing frozen) 30 FLOPs per sample.
+    assert report.baseline_training_flops == pytest.approx(100 * 30 * 4)
+    assert report.training_flops_saved_fraction == pytest.approx(1 - 9000 / 12000)
+    assert "25.0% fewer than the 0.000 TFLOPs" in report.to_markdown()
+    report.states[1].one_off_flops = 4000.0  # a cache build can cost more than freezing saved so far
+    assert report.training_flops_saved_fraction == pytest.approx(1 - 13000 / 12000)
+    assert "8.3% more than" in report.to_markdown()
+    report.states[0].frozen_blocks = [0]  # blocks frozen from the start: no nothing-frozen state to compare with
+    assert report.baseline_training_flops is None and report.training_flops_saved_fraction is None
     assert CostReport.from_dict(report.to_dict()).to_dict() == report.to_dict()
     assert "| 0-1 | none | 1.00 |" in report.to_markdown()

@@ -353,13 +353,15 @@ def test_two_discard_points_build_each_cache_from_images(data, tmp_path):
     assert np.array_equal(np.concatenate([cache.decode(0), cache.decode(1)]), expected)
 
 
-def test_discard_positions_and_bad_options():
+def test_discard_positions_and_bad_options(caplog):
     args = FreezeCacheArguments(freeze_policy="fixed", freeze_schedule="1:3", discard=True, discard_positions="6, 3")
     assert args.parsed_discard_positions() == [3, 6]
     with pytest.raises(ValueError, match="'0,3'"):
         FreezeCacheArguments(discard=True, discard_positions="0,3")
-    with pytest.raises(ValueError, match="only used with --discard"):
+    # A recipe config lists positions; its rows without discarding only switch --discard off.
+    with caplog.at_level("WARNING", logger="hf_freezecache.config"):
         FreezeCacheArguments(discard_positions="3")
+    assert "--discard_positions 3 is ignored without --discard true" in caplog.text
     with pytest.raises(ValueError, match="'lz4'.*bf16, fp16, int8, none, zfp"):
         FreezeCacheArguments(discard=True, cache_codec="lz4")
     with pytest.raises(ValueError, match="--cache_chunk_size must be at least 1, got 0"):

@@ -224,6 +224,7 @@ def test_sidecars_survive_save_load_and_another_gamma_is_not_reused(pretrained, 
 
 
 def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
+    from hf_freezecache.integrations.cache_request import requested_sidecars
     from hf_freezecache.integrations.discard import DiscardableTrainDataset, DiscardController
 
     def controller(**options):
@@ -233,9 +234,9 @@ def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
         return DiscardController(pretrained.model, pretrained, args, dataset, collator, data.train_unaugmented)
 
     plain, zero = controller(), controller(channel_aug_gamma=0.0, token_aug_alpha=0.0)
-    assert zero._sidecars() == []
+    assert requested_sidecars(zero.freeze_args, pretrained) == []
     # Same fingerprint, so the same cache is reused; same augmentation, so the same batches.
-    assert zero._fingerprint(3, zero._sidecars(), 0) == plain._fingerprint(3, plain._sidecars(), 0)
+    assert zero._fingerprint(3, [], 0) == plain._fingerprint(3, requested_sidecars(plain.freeze_args, pretrained), 0)
     cache, _ = _build(pretrained, 3, data, tmp_path / "plain", codec="zfp")
     assert zero._augmentation(cache.manifest).config() == plain._augmentation(cache.manifest).config()
     # A sidecar is added next to the activations and leaves them bit-identical.

@@ -85,6 +85,9 @@ def test_trainer_keeps_frozen_blocks_and_their_batchnorm_fixed(tmp_path, cifar_d
         512 * (first["cost"]["flops_per_sample"] + second["cost"]["flops_per_sample"])
     )
     assert (tmp_path / "cost_report.md").read_text().startswith("Cost report: CifarResNet (cifar-resnet)")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["freeze_timeline.png", "state_costs.png"]  # no cache
+    assert all(entry["discarded_prefix"] == 0 and "cache_stored_mb" not in entry for entry in logged)
+    assert sum(entry["newly_frozen_blocks"] for entry in logged) == 3
 
 
 def test_resume_from_checkpoint_restores_frozen_blocks_and_matches_uninterrupted_training(tmp_path, cifar_data):

@@ -1,6 +1,17 @@
-"""Cost accounting: FLOPs and memory per freeze state, and the run's report."""
+"""Cost accounting: FLOPs and memory per freeze state, the run's report, and its plots."""
 
 from .measure import StepCost, measure_step_cost, optimizer_state_bytes
+from .plots import plot_compression, plot_freeze_timeline, plot_state_costs, save_report_plots
 from .report import CostReport, FreezeStateRecord
 
-__all__ = ["CostReport", "FreezeStateRecord", "StepCost", "measure_step_cost", "optimizer_state_bytes"]
+__all__ = [
+    "CostReport",
+    "FreezeStateRecord",
+    "StepCost",
+    "measure_step_cost",
+    "optimizer_state_bytes",
+    "plot_compression",
+    "plot_freeze_timeline",
+    "plot_state_costs",
+    "save_report_plots",
+]

@@ -93,6 +93,25 @@ class CostReport:
         return sum(s.cost["flops_per_sample"] * self.train_samples * s.epochs + s.one_off_flops for s in self.states)
 
     @property
+    def baseline_training_flops(self) -> float | None:
+        """FLOPs of training the same epochs with nothing frozen: the first state's per-sample FLOPs over all of them.
+
+        None unless the first state had nothing frozen and was measured.
+        """
+        if not self.states or self.states[0].frozen_blocks or self.states[0].cost is None:
+            return None
+        return self.states[0].cost["flops_per_sample"] * self.train_samples * sum(s.epochs for s in self.states)
+
+    @property
+    def training_flops_saved_fraction(self) -> float | None:
+        """Fraction of `baseline_training_flops` saved by freezing and discarding. Cache builds count against it, so
+        it can be negative just after a discard."""
+        total, baseline = self.total_training_flops, self.baseline_training_flops
+        if total is None or not baseline:
+            return None
+        return 1.0 - total / baseline
+
+    @property
     def average_memory_bytes(self) -> float | None:
         weighted = [(s.memory_bytes, s.epochs) for s in self.states if s.epochs > 0]
         if not weighted or any(m is None for m, _ in weighted):
@@ -127,6 +146,8 @@ class CostReport:
             "device": self.device,
             "totals": {
                 "training_flops": self.total_training_flops,
+                "baseline_training_flops": self.baseline_training_flops,
+                "training_flops_saved_fraction": self.training_flops_saved_fraction,
                 "average_memory_bytes": self.average_memory_bytes,
                 "minimum_memory_bytes": self.minimum_memory_bytes,
                 "wall_time_s": self.wall_time_s,
@@ -164,7 +185,7 @@ class CostReport:
             )
         lines += [
             "",
-            f"- total training FLOPs: {_fmt(self.total_training_flops, 1e12, 3)} TFLOPs",
+            f"- total training FLOPs: {_fmt(self.total_training_flops, 1e12, 3)} TFLOPs{self._saved_note()}",
             f"- average memory: {_fmt(self.average_memory_bytes, 2**20, 1)} MB; "
             f"minimum memory: {_fmt(self.minimum_memory_bytes, 2**20, 1)} MB",
             f"- training wall time: {self.wall_time_s:.1f} s (of which building caches: "
@@ -206,6 +227,14 @@ class CostReport:
                     f"{reused} | {s.one_off_flops / 1e9:.1f} | {decode} |"
                 )
         return "\n".join(lines) + "\n"
+
+    def _saved_note(self) -> str:
+        saved = self.training_flops_saved_fraction
+        if saved is None:
+            return ""
+        baseline = _fmt(self.baseline_training_flops, 1e12, 3)
+        fewer = "fewer" if saved >= 0 else "more"
+        return f" ({abs(saved):.1%} {fewer} than the {baseline} TFLOPs of the same epochs with nothing frozen)"
 
     def save(self, output_dir: str | os.PathLike) -> None:
         """Writes `cost_report.json` and `cost_report.md` into `output_dir`."""

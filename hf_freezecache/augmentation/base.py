@@ -37,7 +37,8 @@ class FeatureAugmentation(ABC):
         Args:
             activations (`torch.Tensor`): A `(B, *sample_shape)` floating-point batch.
             sidecar (`Mapping[str, torch.Tensor]`, *optional*): Extra per-sample tensors stored next to the
-                activations in the cache (e.g. activations of flipped inputs). The built-in augmentations ignore it.
+                activations in the cache (e.g. activations of flipped inputs): `feature-maps` uses the channel-flip
+                sidecar, `tokens` the token-replacement one.
             generator (`torch.Generator`, *optional*): Source of every random number, on the activations' device.
 
         Returns:

@@ -2,11 +2,14 @@
 
 Data flows one way: `builder` runs the frozen prefix over images (and, for `sidecars`, over flipped or augmented
 images) and encodes chunks with a `codecs` codec into `datasets` shards described by a `manifest`; `reader` verifies
-and decodes them; `sampler` orders samples so each chunk is decoded once per epoch.
+and decodes them; `sampler` orders samples so each chunk is decoded once per epoch; `hub` exports a cache in the Hub
+dataset-repo layout, pushes it and loads it back.
 """
 
 from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds
 from .codecs import CODECS, ActivationCodec, build_codec, register_codec
+from .compatibility import check_cache_fits_model
+from .hub import export_cache, load_cache, push_cache_to_hub
 from .manifest import (
     CacheManifest,
     CacheMismatchError,
@@ -32,10 +35,14 @@ __all__ = [
     "build_activation_cache",
     "build_codec",
     "build_sidecar",
+    "check_cache_fits_model",
     "check_destination",
     "dataset_fingerprint",
+    "export_cache",
     "fingerprint_parts",
+    "load_cache",
     "prefix_in_eval",
+    "push_cache_to_hub",
     "register_codec",
     "remove_partial_builds",
 ]

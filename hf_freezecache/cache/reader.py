@@ -13,34 +13,64 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+from .builder import CACHE_FEATURES
 from .codecs import ActivationCodec, build_codec
-from .manifest import CacheManifest, CacheMismatchError, CorruptCacheError, describe_mismatch, verify_shards
+from .manifest import (
+    LAYOUT_ARROW,
+    CacheManifest,
+    CacheMismatchError,
+    CorruptCacheError,
+    describe_mismatch,
+    verify_shards,
+)
 from .sidecars import SIDECAR_COLUMN_PREFIX
+
+
+def cache_features(manifest: CacheManifest) -> datasets.Features:
+    """The columns of a cache's rows: `data`, `labels`, `indices`, and `sidecar.<name>` per sidecar array."""
+    sidecars = {SIDECAR_COLUMN_PREFIX + name: datasets.Value("binary") for name in manifest.sidecar_arrays}
+    return datasets.Features({**CACHE_FEATURES, **sidecars})
 
 
 class ActivationCache:
     """An activation cache on disk, checked against its manifest.
 
     Args:
-        folder (`str`): A folder written by `build_activation_cache`.
+        folder (`str`): A folder written by `build_activation_cache` (Arrow shards) or `export_cache` (the Hub
+            parquet layout).
         manifest (`CacheManifest`): Its manifest.
         rows (`datasets.Dataset`): Its rows (`data`, `labels`, `indices`, and `sidecar.<name>` per sidecar array).
+
+    Raises:
+        CorruptCacheError: a column has nulls, or the rows do not hold samples `0..num_samples-1` in order,
+            `chunk_size` per row.
     """
 
     def __init__(self, folder: str, manifest: CacheManifest, rows: datasets.Dataset) -> None:
         self.folder = folder
         self.manifest = manifest
+        self.rows = rows
         self.codec: ActivationCodec = build_codec(manifest.codec)
+        for column in cache_features(manifest):
+            if rows.data.column(column).null_count:
+                raise CorruptCacheError(f"{folder}: column {column!r} has empty (null) rows.")
         self._data = rows.data.column("data")
-        self._sidecars = {}
-        for name in manifest.sidecar_arrays:
-            column = SIDECAR_COLUMN_PREFIX + name
-            if column not in rows.column_names:
-                raise CorruptCacheError(f"{folder}: its manifest lists sidecar column {column!r}, the rows lack it.")
-            self._sidecars[name] = rows.data.column(column)
+        self._sidecars = {name: rows.data.column(SIDECAR_COLUMN_PREFIX + name) for name in manifest.sidecar_arrays}
+        # Row r must hold samples r*chunk_size.. in order, so that decode() knows each row's shape from the manifest.
+        starts = np.arange(manifest.num_chunks) * manifest.chunk_size
+        sizes = np.minimum(starts + manifest.chunk_size, manifest.num_samples) - starts
+        for column in ("labels", "indices"):
+            lengths = rows.data.column(column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
+            if not np.array_equal(lengths, sizes):
+                raise CorruptCacheError(
+                    f"{folder}: the rows' {column} do not come {manifest.chunk_size} per row "
+                    f"({manifest.num_samples} samples in all) as the manifest says."
+                )
         self.labels = np.asarray(rows.data.column("labels").combine_chunks().flatten(), dtype=np.int64)
         indices = np.asarray(rows.data.column("indices").combine_chunks().flatten(), dtype=np.int64)
         if not np.array_equal(indices, np.arange(manifest.num_samples)):
@@ -51,28 +81,46 @@ class ActivationCache:
 
     @classmethod
     def load(
-        cls, folder: str | os.PathLike, expected_fingerprint: dict[str, str] | None = None, verify: bool = True
+        cls,
+        folder: str | os.PathLike,
+        expected_fingerprint: str | dict[str, str] | None = None,
+        verify: bool = True,
     ) -> ActivationCache:
-        """Opens the cache in `folder`.
+        """Opens the cache in `folder`, in either layout (the manifest says which), checking it before any decoding.
+
+        In order: the manifest (`check_manifest`: types, ranges, codec), the fingerprint, the shards' sha256 (with
+        `verify`), each shard's columns and types (from its header, before its rows are read) and the row count;
+        then the rows are opened (Arrow shards memory-mapped; parquet shards converted once into the `datasets`
+        cache, as `datasets.load_dataset` does) and their `indices` checked. Only JSON, Arrow and parquet are read.
+
+        Args:
+            folder (`str` or `os.PathLike`): The cache folder.
+            expected_fingerprint (`str` or `dict[str, str]`, *optional*): Refuse the cache unless it has this
+                fingerprint (`manifest.fingerprint`) or these fingerprint parts (`fingerprint_parts(...)`, which let
+                the message say what differs).
+            verify (`bool`, *optional*, defaults to `True`): Check the shards' sha256 against the manifest.
 
         Raises:
-            CacheMismatchError: `expected_fingerprint` (fingerprint parts) is given and the cache was built from
-                something else; the message names what differs.
-            CorruptCacheError: the manifest or a shard is missing, or a shard fails its checksum (named).
+            FileNotFoundError: `folder` does not exist.
+            CacheMismatchError: the cache does not have `expected_fingerprint`; the message names what differs.
+            CorruptCacheError: the manifest is missing or invalid, or a shard is missing, fails its checksum, or has
+                other columns or rows than the manifest says (named).
         """
         folder = os.fspath(folder)
         manifest = CacheManifest.load(folder)
-        if expected_fingerprint is not None and manifest.fingerprint_parts != expected_fingerprint:
+        if isinstance(expected_fingerprint, str) and manifest.fingerprint != expected_fingerprint:
+            raise CacheMismatchError(
+                f"The activation cache in {folder} has fingerprint {manifest.fingerprint}, not the expected "
+                f"{expected_fingerprint}; it will not be used."
+            )
+        if isinstance(expected_fingerprint, dict) and manifest.fingerprint_parts != expected_fingerprint:
             raise CacheMismatchError(
                 f"The activation cache in {folder} was built for another configuration (differs in: "
                 f"{describe_mismatch(expected_fingerprint, manifest.fingerprint_parts)}); it will not be used."
             )
         if verify:
             verify_shards(folder, manifest)
-        rows = datasets.load_from_disk(folder)
-        if rows.num_rows != manifest.num_chunks:
-            raise CorruptCacheError(f"{folder} has {rows.num_rows} rows; its manifest says {manifest.num_chunks}.")
-        return cls(folder, manifest, rows)
+        return cls(folder, manifest, _open_rows(folder, manifest))
 
     @property
     def chunk_size(self) -> int:
@@ -95,10 +143,14 @@ class ActivationCache:
         """Activations of the samples of row `chunk`, float32, shape `(len(chunk_samples(chunk)), *sample_shape)`.
 
         Thread-safe: codecs keep per-thread (de)compressor state.
+
+        Raises:
+            CorruptCacheError: the row's payload does not decode to that shape (the codec checks the size it
+                declares before decompressing).
         """
         start = time.perf_counter()
         shape = (len(self.chunk_samples(chunk)), *self.manifest.sample_shape)
-        array = self.codec.decode(self._data[chunk].as_py(), shape)
+        array = self._decode_payload(self._data[chunk].as_py(), shape, chunk, "data")
         elapsed = time.perf_counter() - start
         with self._lock:
             self.decode_calls += 1
@@ -117,7 +169,7 @@ class ActivationCache:
             shape = (samples, *spec["shape"])
             blob = self._sidecars[name][chunk].as_py()
             if spec["dtype"] == "float32":
-                arrays[name] = self.codec.decode(blob, shape)
+                arrays[name] = self._decode_payload(blob, shape, chunk, SIDECAR_COLUMN_PREFIX + name)
                 continue
             if len(blob) != 4 * math.prod(shape):
                 raise CorruptCacheError(
@@ -130,6 +182,12 @@ class ActivationCache:
             self.decode_seconds += elapsed
         return arrays
 
+    def _decode_payload(self, blob: bytes, shape: tuple[int, ...], chunk: int, column: str) -> np.ndarray:
+        try:
+            return self.codec.decode(blob, shape)
+        except ValueError as error:
+            raise CorruptCacheError(f"{self.folder}: {column!r} of row {chunk} cannot be decoded: {error}") from error
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock")
@@ -138,6 +196,52 @@ class ActivationCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+def _open_rows(folder: str, manifest: CacheManifest) -> datasets.Dataset:
+    """The rows of the manifest's shards, in order, once every shard's columns and the row count are as expected."""
+    expected = cache_features(manifest).arrow_schema
+    paths = [os.path.join(folder, name) for name in manifest.shards]
+    num_rows = 0
+    for path in paths:
+        try:
+            if manifest.layout == LAYOUT_ARROW:
+                with pa.memory_map(path) as source:
+                    reader = pa.ipc.open_stream(source)
+                    schema = reader.schema
+                    num_rows += sum(batch.num_rows for batch in reader)
+            else:
+                parquet = pq.ParquetFile(path)
+                schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+                num_rows += rows
+        except (OSError, pa.ArrowException) as error:
+            raise CorruptCacheError(f"Cache shard {path} cannot be read as {manifest.layout}: {error}") from error
+        _check_schema(path, schema, expected)
+    if num_rows != manifest.num_chunks:
+        raise CorruptCacheError(f"{folder} has {num_rows} rows; its manifest says {manifest.num_chunks}.")
+    if manifest.layout == LAYOUT_ARROW:
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(path) for path in paths])
+    return datasets.Dataset.from_parquet(paths, features=cache_features(manifest), split=manifest.split)
+
+
+def _check_schema(path: str, schema: pa.Schema, expected: pa.Schema) -> None:
+    def same_type(found: pa.DataType, wanted: pa.DataType) -> bool:
+        # list<item: int64> and list<element: int64> (parquet's name for the item) are the same column.
+        if pa.types.is_list(wanted):
+            return pa.types.is_list(found) and found.value_type == wanted.value_type
+        return found == wanted
+
+    names, wanted = schema.names, expected.names
+    if sorted(names) != sorted(wanted):
+        missing, unexpected = sorted(set(wanted) - set(names)), sorted(set(names) - set(wanted))
+        raise CorruptCacheError(
+            f"Cache shard {path} has columns {names}; expected exactly {wanted} (missing: {missing}, unexpected: "
+            f"{unexpected})."
+        )
+    for field in expected:
+        found = schema.field(field.name).type
+        if not same_type(found, field.type):
+            raise CorruptCacheError(f"Cache shard {path}: column {field.name!r} is {found}, expected {field.type}.")
 
 
 class CachedActivationDataset(Dataset):

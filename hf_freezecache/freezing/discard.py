@@ -93,8 +93,9 @@ class DiscardedPrefix:
                 tensors += list(module.buffers())
         return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
 
-    def discard(self, position: int) -> None:
-        """Trains from activations at `position` from now on; the prefix leaves the training device."""
+    def discard(self, position: int, offload: bool = True) -> None:
+        """Trains from activations at `position` from now on; with `offload`, the prefix leaves the training device
+        (under DDP it stays, see `DiscardController`)."""
         if not 0 < position < self.adapter.num_blocks:
             raise ValueError(
                 f"Discard position {position} is outside the model: it must leave at least one block to train, "
@@ -104,7 +105,7 @@ class DiscardedPrefix:
             raise ValueError(f"Blocks 0-{self.position - 1} are already discarded; cannot go back to {position}.")
         self._forward.position = position
         device = next(t for t in self.adapter.blocks[position].parameters()).device
-        if device != self.offload_device:
+        if offload and device != self.offload_device:
             self._training_device = device
             self._move(self.prefix_tensors(), self.offload_device)
 

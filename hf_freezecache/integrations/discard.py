@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import Dataset
 from transformers import TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
-from .._random import seeded
 from ..augmentation import FeatureAugmentation, build_feature_augmentation
 from ..cache import (
     ActivationCache,
@@ -23,16 +24,16 @@ from ..cache import (
     Sidecar,
     build_activation_cache,
     build_codec,
-    build_sidecar,
+    check_cache_fits_model,
     check_destination,
     dataset_fingerprint,
-    fingerprint_parts,
     prefix_in_eval,
 )
 from ..cache.sidecars import SIDECAR_COLUMN_PREFIX
 from ..config import FreezeCacheArguments
 from ..freezing import ACTIVATIONS_KEY, DiscardedPrefix
 from ..models import BlockAdapter
+from .cache_request import requested_fingerprint, requested_sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,16 @@ class DiscardableTrainDataset(Dataset):
     dataloader's iterator for the next epoch is created.
 
     Args:
-        images (`Dataset`): The training dataset of preprocessed (and augmented) images.
+        images (`Dataset`, *optional*): The training dataset of preprocessed (and augmented) images; None when
+            training reads a given cache from the start (`cached`).
+        cached (`CachedActivationDataset`, *optional*): A cache to read from the start.
     """
 
-    def __init__(self, images: Dataset) -> None:
+    def __init__(self, images: Dataset | None, cached: CachedActivationDataset | None = None) -> None:
+        if images is None and cached is None:
+            raise ValueError("DiscardableTrainDataset needs training images, a cache, or both.")
         self.images = images
-        self.cached: CachedActivationDataset | None = None
+        self.cached = cached
 
     @property
     def chunk_size(self) -> int | None:
@@ -58,7 +63,7 @@ class DiscardableTrainDataset(Dataset):
         return self.cached.chunk_size if self.cached is not None else None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images if self.images is not None else self.cached)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return (self.cached if self.cached is not None else self.images)[index]
@@ -73,7 +78,8 @@ class DiscardableTrainDataset(Dataset):
 
 class FreezeCacheCollator:
     """Collates image batches with the user's collator, and cached-activation batches itself, then augments them
-    (handing the augmentation the batch's sidecar arrays; they do not reach the model).
+    (handing the augmentation the batch's sidecar arrays; they do not reach the model). Evaluation batches are not
+    augmented: `FreezeCacheTrainer` turns `augment` off while it evaluates.
 
     Args:
         image_collator (`Callable`, *optional*): The collator of image batches (default: transformers'
@@ -83,12 +89,13 @@ class FreezeCacheCollator:
     def __init__(self, image_collator: Callable[[list[Any]], dict[str, Any]] | None = None) -> None:
         self.image_collator = image_collator or default_data_collator
         self.augmentation: FeatureAugmentation | None = None
+        self.augment = True
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if ACTIVATIONS_KEY not in features[0]:
             return self.image_collator(features)
         activations = torch.stack([f[ACTIVATIONS_KEY] for f in features])
-        if self.augmentation is not None:
+        if self.augmentation is not None and self.augment:
             sidecar = {
                 key.removeprefix(SIDECAR_COLUMN_PREFIX): torch.stack([f[key] for f in features])
                 for key in features[0]
@@ -107,14 +114,24 @@ class DiscardController:
     frozen prefix, never from a previous cache, so its error stays within the codec's bound of the true
     activations instead of compounding across discards; the cost report counts the full prefix pass.
 
+    Under distributed training (`world_size > 1`) every process runs the prefix over its share of the training set
+    and writes its own shards (`build_activation_cache` with `processes`); all then read the whole cache, each
+    decoding only its sampler's batches. The discarded prefix then stays on the training device: DDP broadcasts the
+    model's buffers from the main process before every forward, and a prefix moved to the CPU would break that
+    broadcast on GPUs.
+
+    With `pinned_cache` (a downloaded cache, no images and no prefix weights), training reads that cache from the
+    first step: its position is the only discard, and the discarded blocks' weights are never used.
+
     Args:
         model (`nn.Module`): The model the Trainer trains.
         adapter (`BlockAdapter`): Its block view.
         freeze_args (`FreezeCacheArguments`): Options (`discard_positions`, `cache_*`, `feature_*`).
         train_dataset (`DiscardableTrainDataset`): The dataset the Trainer's dataloader reads.
         collator (`FreezeCacheCollator`): The Trainer's data collator.
-        cache_dataset (`Dataset`): The training images preprocessed *without* random augmentation, in the same
-            order as `train_dataset`: what the prefix runs over.
+        cache_dataset (`Dataset`, *optional*): The training images preprocessed *without* random augmentation, in
+            the same order as `train_dataset`: what the prefix runs over. None with `pinned_cache`.
+        pinned_cache (`ActivationCache`, *optional*): The cache to train from, instead of building caches.
     """
 
     def __init__(
@@ -124,9 +141,14 @@ class DiscardController:
         freeze_args: FreezeCacheArguments,
         train_dataset: DiscardableTrainDataset,
         collator: FreezeCacheCollator,
-        cache_dataset: Dataset,
+        cache_dataset: Dataset | None,
+        pinned_cache: ActivationCache | None = None,
     ) -> None:
-        if len(cache_dataset) != len(train_dataset):
+        if pinned_cache is not None:
+            check_cache_fits_model(pinned_cache, adapter)
+        elif cache_dataset is None:
+            raise ValueError("DiscardController needs `cache_dataset` (the un-augmented training images).")
+        elif len(cache_dataset) != len(train_dataset):
             raise ValueError(
                 f"cache_dataset has {len(cache_dataset)} samples but the training dataset has {len(train_dataset)}: "
                 "it must be the same samples in the same order, without random augmentation."
@@ -137,6 +159,7 @@ class DiscardController:
         self.collator = collator
         self.cache_dataset = cache_dataset
         self.prefix = DiscardedPrefix(model, adapter)
+        self.pinned_cache = pinned_cache
         self.cache: ActivationCache | None = None
         self._positions = freeze_args.parsed_discard_positions()
         self._dataset_hash: str | None = None
@@ -153,6 +176,8 @@ class DiscardController:
 
     def target_position(self, frozen_prefix: int) -> int | None:
         """The position to discard at now, given the frozen prefix, or None to keep training as is."""
+        if self.pinned_cache is not None:
+            return None  # without images there is nothing to build a deeper cache from
         reachable = min(frozen_prefix, self.adapter.num_blocks - 1)
         if self._positions is not None:
             reachable = max([p for p in self._positions if p <= reachable], default=0)
@@ -169,6 +194,8 @@ class DiscardController:
         `--discard_positions` (all kept, so their sum), or else the largest single position (later builds check
         again).
         """
+        if self.pinned_cache is not None:
+            return
         positions = self._positions or list(range(1, self.adapter.num_blocks))
         estimates = [self._estimate_bytes(p, probe) for p in positions] if probe is not None else [0]
         needed = sum(estimates) if self._positions else max(estimates)
@@ -188,15 +215,18 @@ class DiscardController:
 
     def discard(self, position: int, args: TrainingArguments, probe: dict[str, torch.Tensor] | None) -> dict:
         """Gets the cache for `position` and trains from it from the next batch on; returns the cache's summary."""
-        folder = self.cache_folder(args, position)
-        # The prefix may sit offloaded from an earlier discard: the new cache is built from images through it.
-        with args.main_process_first(desc=f"activation cache at block {position}"), self.prefix.restored():
-            cache, reused = self._reuse_or_build(position, folder, args, probe)
+        if self.pinned_cache is not None:
+            folder, cache, reused = self.pinned_cache.folder, self.pinned_cache, True
+        else:
+            folder = self.cache_folder(args, position)
+            # The prefix may sit offloaded from an earlier discard: the new cache is built from images through it.
+            with self.prefix.restored():
+                cache, reused = self._reuse_or_build(position, folder, args, probe)
         self.cache = cache
         threads = self.freeze_args.cache_decode_threads
         self.train_dataset.cached = CachedActivationDataset(cache, decode_threads=threads)
         self.collator.augmentation = self._augmentation(cache.manifest)
-        self.prefix.discard(position)
+        self.prefix.discard(position, offload=args.world_size == 1)
         m = cache.manifest
         logger.info(
             "Discarded blocks 0-%d: training reads %s (%s, %.2fx, %s).",
@@ -226,53 +256,34 @@ class DiscardController:
     def _fingerprint(self, position: int, sidecars: list[Sidecar], seed: int) -> dict[str, str]:
         if self._dataset_hash is None:
             self._dataset_hash = dataset_fingerprint(self.cache_dataset)
-        extra = {"sidecars": {s.name: s.config() for s in sidecars}} if sidecars else None
-        if any(s.needs_augmented_view for s in sidecars):
-            extra["augmented_view"] = self._augmented_view_hash(seed)
-        return fingerprint_parts(
-            self.adapter,
-            position,
-            self._dataset_hash,
-            self.freeze_args.codec_config(),
-            self.freeze_args.cache_chunk_size,
-            extra,
+        images = self.train_dataset.images
+        return requested_fingerprint(
+            self.adapter, position, self.freeze_args, self._dataset_hash, sidecars, images, seed
         )
-
-    def _augmented_view_hash(self, seed: int) -> str:
-        # The augmented view is the training transform under the build's seed: hash a few such views so a changed
-        # image augmentation invalidates the cache (a transform that ignores the seeded generators rebuilds every
-        # time, which is slow but never wrong).
-        with seeded(seed):
-            return dataset_fingerprint(self.train_dataset.images, probes=4)
-
-    def _sidecars(self) -> list[Sidecar]:
-        """The sidecars the options ask for. Each checks the activations' layout itself when the cache is built
-        (channel-flip needs feature maps, token replacement tokens) and names the right flag when it does not fit."""
-        args = self.freeze_args
-        sidecars = []
-        if args.channel_aug_gamma > 0:
-            options = {"gamma": args.channel_aug_gamma, "calibration_size": args.channel_aug_calibration_size}
-            sidecars.append(build_sidecar("channel-flip", **options))
-        if args.token_aug_alpha > 0:
-            options = {
-                "alpha": args.token_aug_alpha,
-                "matching": args.token_aug_matching,
-                "num_special_tokens": self.adapter.num_special_tokens,
-            }
-            sidecars.append(build_sidecar("token-replacement", **options))
-        return sidecars
 
     def _reuse_or_build(
         self, position: int, folder: str, args: TrainingArguments, probe: dict[str, torch.Tensor] | None
     ) -> tuple[ActivationCache, bool]:
-        sidecars = self._sidecars()
+        processes = PartialState() if args.world_size > 1 else None
+        if processes is not None:
+            self._synchronize_prefix(position)
+        sidecars = requested_sidecars(self.freeze_args, self.adapter)
         parts = self._fingerprint(position, sidecars, args.seed)
-        if os.path.isdir(folder):
+        main = processes is None or processes.is_main_process
+        # The main process decides whether the cache on disk can be reused (it verifies the shards once), and the
+        # others follow, so that all build together or none does.
+        reuse = [False]
+        if main and os.path.isdir(folder):
             try:
-                return ActivationCache.load(folder, expected_fingerprint=parts), True
+                ActivationCache.load(folder, expected_fingerprint=parts)
+                reuse = [True]
             except CacheMismatchError as error:
                 logger.warning("%s Rebuilding it.", error)
-        if probe is not None:
+        if processes is not None:
+            broadcast_object_list(reuse, from_process=0)
+        if reuse[0]:
+            return ActivationCache.load(folder, expected_fingerprint=parts, verify=False), True
+        if probe is not None and main:
             check_destination(folder, 2 * self._estimate_bytes(position, probe))
         build_activation_cache(
             self.adapter,
@@ -292,8 +303,16 @@ class DiscardController:
             sidecars=sidecars,
             augmented_dataset=self.train_dataset.images,
             seed=args.seed,
+            processes=processes,
         )
-        return ActivationCache.load(folder, expected_fingerprint=parts), False
+        return ActivationCache.load(folder, expected_fingerprint=parts, verify=main), False
+
+    def _synchronize_prefix(self, position: int) -> None:
+        """Gives every process the main process's prefix: BatchNorm statistics of blocks that trained until now
+        are each process's own since the last forward (DDP broadcasts them from the main process only at the start
+        of the next one), and every process must run the same prefix for the shares of one cache."""
+        for tensor in self.prefix.prefix_tensors(position):
+            torch.distributed.broadcast(tensor.data, src=0)
 
     def _augmentation(self, manifest: CacheManifest) -> FeatureAugmentation | None:
         name = self.freeze_args.feature_augmentation

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments
 
-from ..cache import ChunkShuffleSampler
+from ..cache import ActivationCache, CachedActivationDataset, ChunkShuffleSampler
 from ..config import FreezeCacheArguments
 from .discard import DiscardableTrainDataset, DiscardController, FreezeCacheCollator
 from .trainer_callback import FreezeCacheCallback
@@ -37,6 +37,16 @@ class FreezeCacheTrainer(Trainer):
     The final model (`save_model`) is the whole model. Without `--discard` it behaves as `Trainer` plus the callback,
     with the seeded sampler.
 
+    With `activation_cache` (e.g. from `load_cache`), only the suffix trains, from that cache, from the first step:
+    no training images and no prefix weights are needed, and evaluation datasets may be caches of the evaluation
+    split (`CachedActivationDataset`); evaluating on images would run the model's own (untrained) prefix.
+
+    Under distributed training (DDP), freezing relies on DDP's unused-parameter detection
+    (`ddp_find_unused_parameters=True`, set here): the Trainer wraps the model once, before the first freeze, so
+    the wrapper cannot be rebuilt around the blocks still training, and frozen or discarded parameters then get no
+    gradient, which DDP without detection waits for forever. The price is one traversal of the autograd graph per
+    step, and gradients of frozen parameters still travel in DDP's buckets (as zeros).
+
     Args:
         model (`nn.Module`): The model (a `model_init` is not supported).
         args (`TrainingArguments`): As for `Trainer`.
@@ -44,6 +54,8 @@ class FreezeCacheTrainer(Trainer):
         train_dataset (`Dataset`): Training images (with their random augmentation).
         eval_dataset (`Dataset`, *optional*): As for `Trainer`.
         freeze_args (`FreezeCacheArguments` or `dict`, *optional*): hf_freezecache options.
+        activation_cache (`ActivationCache`, *optional*): Train the suffix from this cache only (see above);
+            `train_dataset` must then be None.
         cache_dataset (`Dataset`, *optional*): The training images preprocessed *without* random augmentation, same
             samples in the same order: what the prefix runs over to build a cache. Defaults to `train_dataset`
             (right only when it has no random augmentation).
@@ -60,6 +72,7 @@ class FreezeCacheTrainer(Trainer):
         *,
         freeze_args: FreezeCacheArguments | dict | None = None,
         cache_dataset: Dataset | None = None,
+        activation_cache: ActivationCache | None = None,
         callbacks: list | None = None,
         **kwargs,
     ) -> None:
@@ -70,7 +83,33 @@ class FreezeCacheTrainer(Trainer):
         self.freeze_args = freeze_args or FreezeCacheArguments()
         self.freeze_callback = FreezeCacheCallback(self.freeze_args, model=model)
         self.discard_controller: DiscardController | None = None
-        if self.freeze_args.discard:
+        if args is not None and args.world_size > 1 and self.freeze_args.freeze_policy != "none":
+            if args.ddp_find_unused_parameters is False:
+                raise ValueError(
+                    "--ddp_find_unused_parameters false cannot train with frozen blocks under DDP: frozen and "
+                    "discarded parameters get no gradient. Leave it unset (hf_freezecache sets it to true)."
+                )
+            args.ddp_find_unused_parameters = True
+        if activation_cache is not None:
+            if train_dataset is not None:
+                raise ValueError("Give either `train_dataset` (images) or `activation_cache`, not both.")
+            if args is None:
+                raise ValueError("Training from `activation_cache` needs `args`.")
+            args.remove_unused_columns = False
+            cached = CachedActivationDataset(activation_cache, decode_threads=self.freeze_args.cache_decode_threads)
+            train_dataset = DiscardableTrainDataset(None, cached=cached)
+            data_collator = FreezeCacheCollator(data_collator)
+            self.discard_controller = DiscardController(
+                model,
+                self.freeze_callback.engine.adapter,
+                self.freeze_args,
+                train_dataset,
+                data_collator,
+                cache_dataset=None,
+                pinned_cache=activation_cache,
+            )
+            self.freeze_callback.discard_controller = self.discard_controller
+        elif self.freeze_args.discard:
             if args is None or train_dataset is None:
                 raise ValueError("--discard true needs `args` and `train_dataset`.")
             if args.dataloader_persistent_workers:
@@ -115,10 +154,23 @@ class FreezeCacheTrainer(Trainer):
     def _whole_model(self) -> contextlib.AbstractContextManager:
         return self.discard_controller.prefix.restored() if self.discard_controller else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        # Evaluation sees the whole model and un-augmented batches (the collator is shared with training).
+        collator = self.data_collator if isinstance(self.data_collator, FreezeCacheCollator) else None
+        if collator is not None:
+            collator.augment = False
+        try:
+            with self._whole_model():
+                yield
+        finally:
+            if collator is not None:
+                collator.augment = True
+
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        with self._whole_model():
+        with self._evaluating():
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args, **kwargs):
-        with self._whole_model():
+        with self._evaluating():
             return super().predict(*args, **kwargs)

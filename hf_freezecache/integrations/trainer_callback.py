@@ -11,7 +11,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..accounting import CostReport, FreezeStateRecord, measure_step_cost
+from ..accounting import CostReport, FreezeStateRecord, measure_step_cost, save_report_plots
 from ..config import FreezeCacheArguments
 from ..data.batches import probe_batch
 from ..freezing import ACTIVATIONS_KEY, BlockUpdateScaler, FreezingEngine
@@ -26,10 +26,27 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
     """Applies a freezing policy during `Trainer.train()` and measures what each freeze state costs.
 
     Every optimizer step the policy may freeze blocks (see `FreezingEngine` for what freezing does); FreezeOut-style
-    per-block learning rates are applied around `optimizer.step()`. Logs gain `frozen_blocks`, `frozen_prefix`,
-    `trainable_parameters` and cumulative `training_flops`. At the end, `cost_report.json` and `cost_report.md` are
-    written to `args.output_dir`. The callback's state (frozen blocks, policy state, report so far) is saved in
-    every Trainer checkpoint, and `trainer.train(resume_from_checkpoint=...)` resumes with the same blocks frozen.
+    per-block learning rates are applied around `optimizer.step()`. At the end, `cost_report.json` and
+    `cost_report.md` are written to `args.output_dir`, with the plots of `accounting.save_report_plots`
+    (`freeze_timeline.png`, `state_costs.png`, `compression.png`). The callback's state (frozen blocks, policy state,
+    report so far) is saved in every Trainer checkpoint, and `trainer.train(resume_from_checkpoint=...)` resumes with
+    the same blocks frozen.
+
+    Every Trainer log (and so every `report_to` logger: TensorBoard, W&B, ...) gains these numbers:
+
+    - `frozen_blocks`: how many blocks are frozen; `frozen_prefix`: length of the frozen run from block 0;
+      `discarded_prefix`: blocks discarded (0 while training reads images); `trainable_parameters`.
+    - `newly_frozen_blocks`: blocks frozen since the previous log, 0 otherwise: a spike marks each freeze event.
+      `last_frozen_block`: index of the block frozen most recently (the highest, when several froze at once), from
+      the first freeze on.
+    - `training_flops`: training FLOPs so far (cost report totals, cache builds included);
+      `training_flops_saved_fraction`: the fraction of FLOPs saved against training the same epochs with nothing
+      frozen (`CostReport.training_flops_saved_fraction`; a cache build makes it dip, possibly below 0, just after
+      a discard). Both are absent with `--cost_report false`, the fraction also when blocks froze before step 1.
+    - While training reads an activation cache: `cache_compression_ratio` and `cache_stored_mb` (MB of encoded
+      activations) of that cache, `cache_build_seconds` (caches built by this run; reused ones cost nothing) and
+      `cache_decode_seconds` (decoding in the training process so far; absent when DataLoader workers decode).
+    - The policy's evidence, `<policy>/<quantity>_<block>` (`FreezePolicy.log_values`).
 
     Args:
         freeze_args (`FreezeCacheArguments` or `dict`, *optional*): Options; defaults to `FreezeCacheArguments()`.
@@ -100,8 +117,10 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                 train_samples=_dataset_size(dataloader, state, args),
                 device=str(args.device),
             )
-            self._freeze(self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset()), state)
-            self._open_state(state, kwargs.get("optimizer"))
+            cache = self._start_from_pinned_cache(args, state)
+            decided = self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset(self.engine.frozen))
+            self._freeze(decided, state)
+            self._open_state(state, kwargs.get("optimizer"), cache=cache)
         # The policy's setup (probe, reference) ran before the clock: charge it to the state it began in.
         record = self.report.states[-1]
         record.wall_time_s += self._policy_seconds
@@ -173,6 +192,7 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         }
         if self.report.total_training_flops is not None:
             extra["training_flops"] = self.report.total_training_flops
+        extra.update(self._savings_and_cache_values(state))
         extra.update(self.policy.log_values())
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -183,6 +203,8 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         if self.freeze_args.cost_report and state.is_world_process_zero:
             self.report.save(args.output_dir)
             logger.info("Cost report written to %s/cost_report.{json,md}", args.output_dir)
+            plots = save_report_plots(self.report, args.output_dir)
+            logger.info("Cost report plots written: %s", ", ".join(plots))
             print(self.report.to_markdown())
 
     # -- checkpointing (transformers' ExportableState) -----------------------------------------------------------
@@ -211,6 +233,32 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         self.engine = FreezingEngine(adapter)
         self.scaler = BlockUpdateScaler(adapter)
 
+    def _savings_and_cache_values(self, state: TrainerState) -> dict[str, float | int]:
+        """Log entries on what freezing saved so far, freeze events since the previous log, and the cache read."""
+        values: dict[str, float | int] = {
+            "discarded_prefix": self.discard_controller.position if self.discard_controller else 0
+        }
+        saved = self.report.training_flops_saved_fraction
+        if saved is not None:
+            values["training_flops_saved_fraction"] = float(saved)
+        # The Trainer appends the entry being logged before calling on_log: the one before it is the previous log.
+        previous_step = state.log_history[-2]["step"] if len(state.log_history) > 1 else -1
+        events = self.report.freeze_events
+        values["newly_frozen_blocks"] = sum(previous_step < e["step"] <= state.global_step for e in events)
+        if events:
+            values["last_frozen_block"] = int(events[-1]["block"])
+        controller = self.discard_controller
+        if controller is not None and controller.cache is not None and controller.position:
+            manifest = controller.cache.manifest
+            values["cache_compression_ratio"] = float(manifest.compression_ratio)
+            values["cache_stored_mb"] = manifest.stored_bytes / 2**20
+            values["cache_build_seconds"] = float(self.report.cache_build_seconds)
+            if not self._dataloader_workers:  # workers decode in their own processes, out of this counter's sight
+                unrecorded = controller.cache.decode_seconds - self._decode_seconds_at_open
+                recorded = sum(s.decode_seconds or 0.0 for s in self.report.states)
+                values["cache_decode_seconds"] = float(recorded + unrecorded)
+        return values
+
     def _timed(self, call, *args):
         start = time.perf_counter()
         try:
@@ -234,12 +282,28 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
             )
         return new
 
+    def _start_from_pinned_cache(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
+        """Training from a given cache: its prefix is frozen and discarded before the first step; returns the
+        cache's summary for the first freeze state (None without a given cache)."""
+        controller = self.discard_controller
+        if controller is None or controller.pinned_cache is None:
+            return None
+        position = controller.pinned_cache.manifest.position
+        self._freeze(set(range(position)), state)
+        return controller.discard(position, args, self._probe)
+
     def _give_policy_probe(self, dataloader, args: TrainingArguments) -> None:
         """Hands the policy its fixed probe batch: the first `--policy_probe_size` training images."""
         if dataloader is None:
             raise ValueError(f"--freeze_policy {self.policy.name} needs the training dataloader for its probe batch.")
         size = self.freeze_args.policy_probe_size
-        pixel_values = probe_batch(dataloader, size, args.device)["pixel_values"]
+        batch = probe_batch(dataloader, size, args.device)
+        if "pixel_values" not in batch:
+            raise ValueError(
+                f"--freeze_policy {self.policy.name} evaluates blocks on training images, and training from a given "
+                "activation cache has none: use the policy 'none', 'freezeout' or 'fixed'."
+            )
+        pixel_values = batch["pixel_values"]
         restore = self.discard_controller.prefix.restored if self.discard_controller is not None else None
         self._timed(self.policy.set_probe, BlockProbe(self.engine.adapter, pixel_values, restore=restore))
 
@@ -269,7 +333,8 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
                     f"The checkpoint was taken after discarding blocks 0-{position - 1}; resume it with "
                     "FreezeCacheTrainer and --discard true."
                 )
-            self._cost_batch = self._cache_probe(position)
+            if self.discard_controller.pinned_cache is None:
+                self._cost_batch = self._cache_probe(position)
             self.discard_controller.discard(position, args, self._probe)  # reuses the cache, or rebuilds it
         logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
 

@@ -13,7 +13,7 @@ register_adapter = ADAPTERS.register
 # Registration order is matching order: specific families first; `generic` only matches when asked for by name.
 from . import cifar_resnet, hf_resnet, hf_vit, timm_resnet, timm_vit, generic  # noqa: E402, F401, I001
 from .cifar_resnet import CifarResNet, load_cifar_resnet  # noqa: E402
-from .factory import build_model  # noqa: E402
+from .factory import build_model, model_source  # noqa: E402
 from .generic import GenericBlockAdapter  # noqa: E402
 from .wrapper import ImageClassifierWrapper  # noqa: E402
 
@@ -57,6 +57,7 @@ __all__ = [
     "GenericBlockAdapter",
     "ImageClassifierWrapper",
     "build_model",
+    "model_source",
     "get_block_adapter",
     "load_cifar_resnet",
     "register_adapter",

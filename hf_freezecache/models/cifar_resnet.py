@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import ImageClassifierOutput
@@ -118,13 +119,22 @@ class CifarResNet(nn.Module):
 
 
 def load_cifar_resnet(path: str | os.PathLike, num_classes: int | None = None) -> CifarResNet:
-    """Loads a `pytorch_resnet_cifar10` checkpoint (`{"state_dict": {"module.conv1.weight": ...}, ...}`).
+    """Loads a `pytorch_resnet_cifar10` checkpoint (`{"state_dict": {"module.conv1.weight": ...}, ...}`), or the
+    `model.safetensors` a run saved (the file, or the run's output folder).
 
-    The depth is read from the checkpoint. With `num_classes` different from the checkpoint's, the output layer is
-    re-initialised (fine-tuning on another label set); everything else is loaded.
+    The depth, widths and shortcut kind are read from the checkpoint. With `num_classes` different from the
+    checkpoint's, the output layer is re-initialised (fine-tuning on another label set); everything else is loaded.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("state_dict", checkpoint)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.safetensors")
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No CIFAR ResNet weights at {path}.")
+        state = load_file(path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
     state = {key.removeprefix("module."): value for key, value in state.items()}
     blocks_per_stage = len({key.split(".")[1] for key in state if key.startswith("layer1.")})
     widths = tuple(state[f"layer{s}.0.conv1.weight"].shape[0] for s in (1, 2, 3))

@@ -49,3 +49,26 @@ def build_model(
     from transformers import AutoModelForImageClassification
 
     return AutoModelForImageClassification.from_pretrained(name, num_labels=num_labels, ignore_mismatched_sizes=True)
+
+
+def model_source(model: nn.Module) -> tuple[str, str | None]:
+    """What a model was built from, for a cache's manifest and card: `(name, revision)`.
+
+    A transformers model gives its Hub id or folder and commit; a timm model its pretrained tag or architecture; a
+    CIFAR ResNet its variant name. The revision is None when unknown (the prefix weights' hash, in the cache's
+    fingerprint, identifies the weights in every case).
+    """
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_name_or_path", ""):
+        return config._name_or_path, getattr(config, "_commit_hash", None)
+    if isinstance(model, ImageClassifierWrapper):
+        pretrained = getattr(model.model, "pretrained_cfg", None) or {}
+        name = pretrained.get("hf_hub_id") or pretrained.get("architecture") or type(model.model).__name__
+        return f"timm:{name}", None
+    if isinstance(model, CifarResNet):
+        layout = {"depth": model.depth, "widths": model.widths, "shortcut": model.shortcut_kind}
+        defaults = {"widths": (16, 32, 64), "shortcut": "pad"}
+        for variant, spec in CIFAR_RESNET_VARIANTS.items():
+            if {**defaults, **spec} == layout:
+                return variant, None
+    return type(model).__name__, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -46,7 +47,11 @@ class ActivationCodec(ABC):
 
     @abstractmethod
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        """Inverse of `encode`: a new, writeable float32 C-contiguous array of `shape` (the encoded chunk's)."""
+        """Inverse of `encode`: a new, writeable float32 C-contiguous array of `shape` (the encoded chunk's).
+
+        `data` may be corrupt or hostile (a cache downloaded from the Hub): a codec must raise a `ValueError`,
+        before allocating anything sized from the payload, when the size the payload declares does not fit `shape`.
+        """
 
     def max_abs_error(self, chunk: np.ndarray) -> float:
         """Worst-case `|decode(encode(chunk)) - chunk|` over the chunk, as the codec guarantees it."""
@@ -95,9 +100,28 @@ def channel_axis(ndim: int) -> int:
     return 1 if ndim == 4 else ndim - 1
 
 
+def chunk_values(codec: ActivationCodec, shape: tuple[int, ...]) -> int:
+    """The number of values in a chunk of `shape`; raises a `ValueError` unless `shape` is a chunk's shape."""
+    if len(shape) not in (2, 3, 4) or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
+        raise ValueError(f"{codec!r}: cannot decode to shape {shape}: chunks are (k, D), (k, T, D) or (k, C, H, W).")
+    if min(shape) < 1:
+        raise ValueError(f"{codec!r}: cannot decode to shape {tuple(shape)}: every size must be >= 1.")
+    return math.prod(int(d) for d in shape)
+
+
+def check_payload_bytes(codec: ActivationCodec, size: int, itemsize: int, shape: tuple[int, ...]) -> None:
+    """Raises a `ValueError` unless `size` bytes are exactly the `itemsize`-byte values of a chunk of `shape`."""
+    expected = itemsize * chunk_values(codec, shape)
+    if size != expected:
+        raise ValueError(
+            f"{codec!r}: the payload has {size} bytes but shape {tuple(shape)} needs {expected} ({itemsize} per "
+            "value): wrong shape passed to decode, or corrupt data."
+        )
+
+
 def check_decoded_size(codec: ActivationCodec, size: int, shape: tuple[int, ...]) -> None:
     """Raises a `ValueError` when `size` decoded values do not fill `shape` (wrong shape or corrupt payload)."""
-    expected = int(np.prod(shape))
+    expected = chunk_values(codec, shape)
     if size != expected:
         raise ValueError(
             f"{codec!r}: the payload holds {size} values but shape {tuple(shape)} needs {expected}: wrong shape "

@@ -10,7 +10,7 @@ import numpy as np
 import zstandard
 
 from . import register_codec
-from .base import ActivationCodec, channel_axis, check_chunk, check_decoded_size
+from .base import ActivationCodec, channel_axis, check_chunk, chunk_values
 
 # Payload (before zstd): magic, number of channels, float32 mins[C], float32 scales[C], uint8 values (chunk order).
 _MAGIC = b"AQ8\x01"
@@ -104,18 +104,38 @@ class Int8Codec(ActivationCodec):
         return self._compressor().compress(payload)
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        payload = self._decompressor().decompress(data)
-        magic, channels = _HEADER.unpack_from(payload)
+        count = chunk_values(self, shape)
+        ndim = len(shape)
+        channels = shape[channel_axis(ndim)]
+        expected = _HEADER.size + 8 * channels + count
+        # zstd allocates what the frame header declares: it must be this chunk's size before anything is allocated.
+        # A frame that declares no size is capped at that size instead.
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as error:
+            raise ValueError(f"{self!r}: the payload is not a zstd frame ({error}).") from error
+        if declared not in (-1, expected):
+            raise ValueError(
+                f"{self!r}: the payload declares {declared} decompressed bytes but shape {tuple(shape)} needs "
+                f"{expected}: wrong shape passed to decode, or corrupt data."
+            )
+        try:
+            payload = self._decompressor().decompress(data, max_output_size=expected, allow_extra_data=False)
+        except zstandard.ZstdError as error:
+            raise ValueError(f"{self!r}: corrupt payload ({error}).") from error
+        if len(payload) != expected:
+            raise ValueError(f"{self!r}: the payload decompresses to {len(payload)} bytes, {expected} expected.")
+        magic, stored_channels = _HEADER.unpack_from(payload)
         if magic != _MAGIC:
             raise ValueError(f"{self!r}: not an int8-codec payload (magic {magic!r}).")
-        ndim = len(shape)
-        if ndim not in (2, 3, 4) or shape[channel_axis(ndim)] != channels:
-            raise ValueError(f"{self!r}: the payload has {channels} channels, which does not fit shape {shape}.")
+        if stored_channels != channels:
+            raise ValueError(
+                f"{self!r}: the payload has {stored_channels} channels, which does not fit shape {shape}."
+            )
         offset = _HEADER.size
         mins = np.frombuffer(payload, dtype=np.float32, count=channels, offset=offset)
         scales = np.frombuffer(payload, dtype=np.float32, count=channels, offset=offset + 4 * channels)
         quantised = np.frombuffer(payload, dtype=np.uint8, offset=offset + 8 * channels)
-        check_decoded_size(self, quantised.size, shape)
         broadcast = _channel_shape(ndim, channels)
         values = quantised.reshape(shape).astype(np.float32)
         values *= scales.reshape(broadcast)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from . import register_codec
-from .base import ActivationCodec, check_chunk, check_decoded_size
+from .base import ActivationCodec, check_chunk, check_payload_bytes
 
 #: Largest finite float16.
 FP16_MAX = 65504.0
@@ -28,10 +28,9 @@ class RawCodec(ActivationCodec):
         return check_chunk(chunk).tobytes()
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+        check_payload_bytes(self, len(data), 4, shape)
         # frombuffer over `bytes` is read-only; the copy makes the result writeable like every other codec's.
-        values = np.frombuffer(data, dtype=np.float32)
-        check_decoded_size(self, values.size, shape)
-        return values.reshape(shape).copy()
+        return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
 
 
 @register_codec("fp16")
@@ -56,9 +55,8 @@ class Float16Codec(ActivationCodec):
         return chunk.astype(np.float16).tobytes()
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        values = np.frombuffer(data, dtype=np.float16)
-        check_decoded_size(self, values.size, shape)
-        return values.astype(np.float32).reshape(shape)
+        check_payload_bytes(self, len(data), 2, shape)
+        return np.frombuffer(data, dtype=np.float16).astype(np.float32).reshape(shape)
 
     def max_abs_error(self, chunk: np.ndarray) -> float:
         return _max_abs(chunk) * 2.0**-11 + 2.0**-24
@@ -83,8 +81,8 @@ class BFloat16Codec(ActivationCodec):
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
         # bfloat16 -> float32 is exact: the 16 bits become the top half of the float32 bit pattern.
+        check_payload_bytes(self, len(data), 2, shape)
         bits = np.frombuffer(data, dtype=np.uint16)
-        check_decoded_size(self, bits.size, shape)
         return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
     def max_abs_error(self, chunk: np.ndarray) -> float:

@@ -10,7 +10,42 @@ import numpy as np
 import zfpy
 
 from . import register_codec
-from .base import ActivationCodec, check_chunk, check_decoded_size
+from .base import ActivationCodec, check_chunk, check_decoded_size, chunk_values
+
+# The zfp stream header (`zfp_write_header`): 32 bits of magic ("zfp" and the codec version), then 52 bits of field
+# metadata: 2 bits scalar type (zfp_type - 1), 2 bits dimensionality - 1, then the sizes - 1, fastest axis first, in
+# 48, 24, 16 or 12 bits each for 1 to 4 dimensions. zfp writes bits least significant first, in little-endian 64-bit
+# words, so the header is the low bits of the stream's first bytes read as one little-endian integer.
+_ZFP_MAGIC = b"zfp"
+_ZFP_HEADER_BYTES = 11  # 84 bits
+_ZFP_TYPE_FLOAT = 3
+_ZFP_SIZE_BITS = {1: 48, 2: 24, 3: 16, 4: 12}
+
+
+def zfp_header(data: bytes) -> tuple[int, tuple[int, ...]]:
+    """The scalar type (`zfp_type`: 3 is float32) and the array shape (C order) a zfp stream declares.
+
+    Parsed in Python from the documented header, so a corrupt or hostile payload is judged before zfp reads it.
+
+    Raises:
+        `ValueError`: when `data` does not start with a zfp header.
+    """
+    if len(data) < _ZFP_HEADER_BYTES or bytes(data[:3]) != _ZFP_MAGIC:
+        raise ValueError(f"not a zfp stream (it starts with {bytes(data[:4])!r}, not a {_ZFP_MAGIC!r} header).")
+    meta = int.from_bytes(data[:_ZFP_HEADER_BYTES], "little") >> 32
+    scalar_type, dims = (meta & 0x3) + 1, ((meta >> 2) & 0x3) + 1
+    bits, sizes = _ZFP_SIZE_BITS[dims], meta >> 4
+    fastest_first = [((sizes >> (bits * axis)) & ((1 << bits) - 1)) + 1 for axis in range(dims)]
+    return scalar_type, tuple(reversed(fastest_first))
+
+
+def _folded_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The array zfp compresses for a chunk of `shape`: (k*C, H, W) for feature maps, (k*T, D) for tokens."""
+    if len(shape) == 4:
+        return (shape[0] * shape[1], shape[2], shape[3])
+    if len(shape) == 3:
+        return (shape[0] * shape[1], shape[2])
+    return tuple(shape)
 
 
 @register_codec("zfp")
@@ -101,17 +136,19 @@ class ZfpCodec(ActivationCodec):
         # zfp's error bound is meaningless for inf/NaN (they do not survive compression).
         if not np.isfinite(chunk).all():
             raise ValueError("zfp codec: the chunk holds inf or NaN values, which zfp cannot encode.")
-        k = chunk.shape[0]
-        if chunk.ndim == 4:  # (k, C, H, W) -> (k*C, H, W)
-            folded = chunk.reshape(k * chunk.shape[1], *chunk.shape[2:])
-        elif chunk.ndim == 3:  # (k, T, D) -> (k*T, D)
-            folded = chunk.reshape(k * chunk.shape[1], chunk.shape[2])
-        else:  # (k, D)
-            folded = chunk
-        return zfpy.compress_numpy(folded, tolerance=tolerance)
+        return zfpy.compress_numpy(chunk.reshape(_folded_shape(chunk.shape)), tolerance=tolerance)
 
     def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        # The zfp header carries the folded shape and the mode: decoding needs no parameter of the codec.
+        chunk_values(self, shape)
+        # zfp allocates the array its header declares: the header must declare this chunk before zfp reads it. (The
+        # header also carries the mode, so decoding needs no parameter of the codec.)
+        scalar_type, declared = zfp_header(data)
+        if scalar_type != _ZFP_TYPE_FLOAT or declared != _folded_shape(shape):
+            raise ValueError(
+                f"{self!r}: the payload declares a {declared} array of zfp type {scalar_type} but shape "
+                f"{tuple(shape)} needs float32 (type {_ZFP_TYPE_FLOAT}) {_folded_shape(shape)}: wrong shape passed to "
+                "decode, or corrupt data."
+            )
         values = zfpy.decompress_numpy(data)
         check_decoded_size(self, values.size, shape)
         return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)

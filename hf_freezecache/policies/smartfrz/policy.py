@@ -19,7 +19,7 @@ class SmartFRZ(FreezePolicy):
     """Freezes each block the moment the predictor says its weight history has converged.
 
     `--smartfrz_records_per_epoch` times per epoch (one "freezing stage"), the tailored weights of every unfrozen block
-    are recorded (`--smartfrz_tailored_size` fixed random weights, `WeightTailor`). Once a block has
+    are recorded (`WeightTailor`: a fixed random selection of 1024 weights, the predictor's input). Once a block has
     `--smartfrz_min_records` records, the predictor reads its last `--smartfrz_window` records and the block freezes
     when P(freeze) > `--smartfrz_threshold` (0.5: the paper's argmax). Blocks may freeze in any order; only the
     longest frozen prefix is discarded. A frozen block's history is dropped. The predictor is the one shipped with
