@@ -14,6 +14,8 @@ import importlib
 import inspect
 import os
 
+PACKAGE_DIR = os.path.dirname(importlib.import_module("hf_freezecache").__file__)
+
 #: The modules whose `__all__` make the public surface, with what each is for.
 MODULES = {
     "hf_freezecache": "The top-level names: options, the Trainer integration, registries.",
@@ -48,6 +50,8 @@ def _entry(module_name: str, name: str) -> list[str]:
         lines = [f"### `{name}`", "", f"options · `{obj.__module__}`", "", _first_paragraph(obj), ""]
         for option in dataclasses.fields(obj):
             default = "required" if option.default is dataclasses.MISSING else f"default `{option.default!r}`"
+            # Paths inside the installed package differ between machines.
+            default = default.replace(PACKAGE_DIR, "<hf_freezecache>")
             lines.append(f"- `--{option.name}` ({default}): {option.metadata['help']}")
         return [*lines, ""]
     if inspect.isclass(obj):

@@ -34,9 +34,6 @@ class ModelArguments:
             "earlier run) or a timm model."
         },
     )
-    model_revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag or commit) of a transformers model id."}
-    )
     timm_kwargs: str | None = field(
         default=None,
         metadata={
