@@ -50,8 +50,6 @@ def _entry(module_name: str, name: str) -> list[str]:
         lines = [f"### `{name}`", "", f"options · `{obj.__module__}`", "", _first_paragraph(obj), ""]
         for option in dataclasses.fields(obj):
             default = "required" if option.default is dataclasses.MISSING else f"default `{option.default!r}`"
-            # Paths inside the installed package differ between machines.
-            default = default.replace(PACKAGE_DIR, "<hf_freezecache>")
             lines.append(f"- `--{option.name}` ({default}): {option.metadata['help']}")
         return [*lines, ""]
     if inspect.isclass(obj):
@@ -93,7 +91,8 @@ def render() -> str:
                 continue
             seen.add(id(obj))
             lines += _entry(module_name, name)
-    return "\n".join(lines).rstrip() + "\n"
+    # Defaults inside the installed package (the embedded dataset) are paths that differ between machines.
+    return "\n".join(lines).rstrip().replace(PACKAGE_DIR, "<hf_freezecache>") + "\n"
 
 
 def main() -> None:
