@@ -43,11 +43,9 @@ from transformers import HfArgumentParser, PreTrainedModel, SchedulerType, get_s
 from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_freezecache.accounting import measure_step_cost
-from hf_freezecache.augmentation import FeatureAugmentation, build_feature_augmentation
 from hf_freezecache.cache import (
     ActivationCache,
     CachedActivationDataset,
-    CacheManifest,
     CacheMismatchError,
     ChunkShuffleSampler,
     build_activation_cache,
@@ -58,7 +56,11 @@ from hf_freezecache.config import FreezeCacheArguments
 from hf_freezecache.data import ImageClassificationData, collate_image_batch, probe_batch
 from hf_freezecache.freezing import BlockUpdateScaler, DiscardedPrefix, FreezingEngine
 from hf_freezecache.integrations import FreezeCacheCollator
-from hf_freezecache.integrations.cache_request import requested_fingerprint, requested_sidecars
+from hf_freezecache.integrations.cache_request import (
+    requested_augmentation,
+    requested_fingerprint,
+    requested_sidecars,
+)
 from hf_freezecache.models import BlockAdapter, build_model, get_block_adapter
 from hf_freezecache.policies import BlockProbe, FreezePolicy, TrainingProgress, build_policy
 from hf_freezecache.run.arguments import DataTrainingArguments, ModelArguments, expand_config_file
@@ -223,10 +225,7 @@ def discard_prefix(
     that reads it, with the feature augmentation."""
     adapter = prefix.adapter
     if accelerator.num_processes > 1:
-        # Blocks that trained until now hold each process's own BatchNorm statistics since the last forward (DDP
-        # broadcasts buffers at the start of the next one), and the shares of one cache need one prefix.
-        for tensor in prefix.prefix_tensors(position):
-            torch.distributed.broadcast(tensor.data, src=0)
+        prefix.broadcast_from_main(position)
     # A prefix discarded earlier may sit offloaded: each cache is built from images through the whole prefix, so its
     # error stays within the codec's bound instead of compounding across caches.
     with prefix.restored():
@@ -234,7 +233,7 @@ def discard_prefix(
     # Under DDP the prefix stays on the training device: DDP broadcasts all buffers before every forward.
     prefix.discard(position, offload=accelerator.num_processes == 1)
     collator = FreezeCacheCollator(collate_image_batch)
-    collator.augmentation = feature_augmentation(freeze_args, adapter, cache.manifest)
+    collator.augmentation = requested_augmentation(freeze_args, adapter, cache.manifest)
     cached = CachedActivationDataset(cache, decode_threads=freeze_args.cache_decode_threads)
     logger.info(
         "Discarded blocks 0-%d: training reads %s (%s, %.2fx compression, %s).",
@@ -245,23 +244,6 @@ def discard_prefix(
         "reused" if reused else f"built in {cache.manifest.build_seconds:.1f} s",
     )
     return accelerator.prepare(make_train_dataloader(cached, collator, args))
-
-
-def feature_augmentation(
-    freeze_args: FreezeCacheArguments, adapter: BlockAdapter, manifest: CacheManifest
-) -> FeatureAugmentation | None:
-    """The augmentation of cached activations the options ask for, chosen as `DiscardController` chooses it."""
-    name = freeze_args.feature_augmentation
-    if name == "auto":
-        name = "feature-maps" if len(manifest.sample_shape) == 3 else "tokens"
-    if name == "none":
-        return None
-    options = freeze_args.augmentation_options(name)
-    if name == "tokens":
-        options["num_special_tokens"] = adapter.num_special_tokens
-    if "channel-flip" in manifest.sidecars:
-        options["flipped_channels"] = manifest.sidecars["channel-flip"]["summary"]["channels"]
-    return build_feature_augmentation(name, **options)
 
 
 def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> float:

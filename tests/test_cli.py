@@ -121,8 +121,8 @@ def test_build_cache_gives_the_cache_training_would_build(built, tmp_path, resne
     os.symlink(built / "train", cache_root / "position-03")
     out = tmp_path / "run"
     assert main([
-        "train", "--model", "resnet20", "--pretrained_weights", str(resnet20_weights), *TINY[:4],
-        "--cache_chunk_size", "4", "--freeze_policy", "fixed", "--freeze_schedule", "0:3", "--discard", "true",
+        "train", "--model", "resnet20", "--pretrained_weights", str(resnet20_weights), *TINY,
+        "--freeze_policy", "fixed", "--freeze_schedule", "0:3", "--discard", "true",
         "--cache_dir", str(cache_root), "--output_dir", str(out), "--num_train_epochs", "1",
         "--per_device_train_batch_size", "16", "--learning_rate", "0.01", "--save_strategy", "no",
         "--eval_strategy", "no", "--disable_tqdm", "true", "--report_to", "none",

@@ -224,7 +224,7 @@ def test_sidecars_survive_save_load_and_another_gamma_is_not_reused(pretrained, 
 
 
 def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
-    from hf_freezecache.integrations.cache_request import requested_sidecars
+    from hf_freezecache.integrations.cache_request import requested_augmentation, requested_sidecars
     from hf_freezecache.integrations.discard import DiscardableTrainDataset, DiscardController
 
     def controller(**options):
@@ -238,7 +238,8 @@ def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
     # Same fingerprint, so the same cache is reused; same augmentation, so the same batches.
     assert zero._fingerprint(3, [], 0) == plain._fingerprint(3, requested_sidecars(plain.freeze_args, pretrained), 0)
     cache, _ = _build(pretrained, 3, data, tmp_path / "plain", codec="zfp")
-    assert zero._augmentation(cache.manifest).config() == plain._augmentation(cache.manifest).config()
+    augmentations = [requested_augmentation(c.freeze_args, pretrained, cache.manifest) for c in (zero, plain)]
+    assert augmentations[0].config() == augmentations[1].config()
     # A sidecar is added next to the activations and leaves them bit-identical.
     with_sidecar, _ = _build(pretrained, 3, data, tmp_path / "side", [ChannelFlipSidecar(0.25, 16)], codec="zfp")
     assert with_sidecar.manifest.stored_bytes == cache.manifest.stored_bytes

@@ -340,6 +340,7 @@ def build_activation_cache(
         barrier()
         if is_main:
             final = os.path.join(staging, "cache")
+            source_model, source_revision = model_source(adapter.model)
             totals = _gather_parts(staging, world, final, fingerprint)
             manifest = CacheManifest(
                 fingerprint=fingerprint,
@@ -377,8 +378,8 @@ def build_activation_cache(
                     }
                     for sidecar in sidecars
                 },
-                source_model=model_source(adapter.model)[0],
-                source_revision=model_source(adapter.model)[1],
+                source_model=source_model,
+                source_revision=source_revision,
                 num_processes=world,
                 model_num_blocks=adapter.num_blocks,
             )

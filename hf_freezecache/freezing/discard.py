@@ -109,6 +109,14 @@ class DiscardedPrefix:
             self._training_device = device
             self._move(self.prefix_tensors(), self.offload_device)
 
+    def broadcast_from_main(self, position: int) -> None:
+        """Gives every process of the initialized process group the main process's stem and blocks
+        `0..position-1`, before they build the shares of one cache: BatchNorm statistics of blocks that trained
+        until now are each process's own since the last forward (DDP broadcasts buffers from the main process only
+        at the start of the next one)."""
+        for tensor in self.prefix_tensors(position):
+            torch.distributed.broadcast(tensor.data, src=0)
+
     @contextlib.contextmanager
     def restored(self) -> Iterator[None]:
         """Within the block, the discarded prefix is back on the training device (evaluation on raw images)."""

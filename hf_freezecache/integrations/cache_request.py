@@ -6,7 +6,8 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from .._random import seeded
-from ..cache import Sidecar, build_sidecar, dataset_fingerprint, fingerprint_parts
+from ..augmentation import FeatureAugmentation, build_feature_augmentation
+from ..cache import CacheManifest, Sidecar, build_sidecar, dataset_fingerprint, fingerprint_parts
 from ..config import FreezeCacheArguments
 from ..models import BlockAdapter
 
@@ -29,6 +30,24 @@ def requested_sidecars(freeze_args: FreezeCacheArguments, adapter: BlockAdapter)
         }
         sidecars.append(build_sidecar("token-replacement", **options))
     return sidecars
+
+
+def requested_augmentation(
+    freeze_args: FreezeCacheArguments, adapter: BlockAdapter, manifest: CacheManifest
+) -> FeatureAugmentation | None:
+    """The augmentation of batches read from the cache described by `manifest` that the options ask for (with
+    `--feature_augmentation auto`, by the activations' layout), given the channels its channel-flip sidecar stores."""
+    name = freeze_args.feature_augmentation
+    if name == "auto":
+        name = "feature-maps" if len(manifest.sample_shape) == 3 else "tokens"
+    if name == "none":
+        return None
+    options = freeze_args.augmentation_options(name)
+    if name == "tokens":
+        options["num_special_tokens"] = adapter.num_special_tokens
+    if "channel-flip" in manifest.sidecars:
+        options["flipped_channels"] = manifest.sidecars["channel-flip"]["summary"]["channels"]
+    return build_feature_augmentation(name, **options)
 
 
 def requested_fingerprint(

@@ -15,11 +15,10 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
-from ..augmentation import FeatureAugmentation, build_feature_augmentation
+from ..augmentation import FeatureAugmentation
 from ..cache import (
     ActivationCache,
     CachedActivationDataset,
-    CacheManifest,
     CacheMismatchError,
     Sidecar,
     build_activation_cache,
@@ -33,7 +32,7 @@ from ..cache.sidecars import SIDECAR_COLUMN_PREFIX
 from ..config import FreezeCacheArguments
 from ..freezing import ACTIVATIONS_KEY, DiscardedPrefix
 from ..models import BlockAdapter
-from .cache_request import requested_fingerprint, requested_sidecars
+from .cache_request import requested_augmentation, requested_fingerprint, requested_sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +224,7 @@ class DiscardController:
         self.cache = cache
         threads = self.freeze_args.cache_decode_threads
         self.train_dataset.cached = CachedActivationDataset(cache, decode_threads=threads)
-        self.collator.augmentation = self._augmentation(cache.manifest)
+        self.collator.augmentation = requested_augmentation(self.freeze_args, self.adapter, cache.manifest)
         self.prefix.discard(position, offload=args.world_size == 1)
         m = cache.manifest
         logger.info(
@@ -266,7 +265,7 @@ class DiscardController:
     ) -> tuple[ActivationCache, bool]:
         processes = PartialState() if args.world_size > 1 else None
         if processes is not None:
-            self._synchronize_prefix(position)
+            self.prefix.broadcast_from_main(position)
         sidecars = requested_sidecars(self.freeze_args, self.adapter)
         parts = self._fingerprint(position, sidecars, args.seed)
         main = processes is None or processes.is_main_process
@@ -306,24 +305,3 @@ class DiscardController:
             processes=processes,
         )
         return ActivationCache.load(folder, expected_fingerprint=parts, verify=main), False
-
-    def _synchronize_prefix(self, position: int) -> None:
-        """Gives every process the main process's prefix: BatchNorm statistics of blocks that trained until now
-        are each process's own since the last forward (DDP broadcasts them from the main process only at the start
-        of the next one), and every process must run the same prefix for the shares of one cache."""
-        for tensor in self.prefix.prefix_tensors(position):
-            torch.distributed.broadcast(tensor.data, src=0)
-
-    def _augmentation(self, manifest: CacheManifest) -> FeatureAugmentation | None:
-        name = self.freeze_args.feature_augmentation
-        layout = "feature-maps" if len(manifest.sample_shape) == 3 else "tokens"
-        if name == "auto":
-            name = layout
-        if name == "none":
-            return None
-        options = self.freeze_args.augmentation_options(name)
-        if name == "tokens":
-            options["num_special_tokens"] = self.adapter.num_special_tokens
-        if "channel-flip" in manifest.sidecars:
-            options["flipped_channels"] = manifest.sidecars["channel-flip"]["summary"]["channels"]
-        return build_feature_augmentation(name, **options)

@@ -83,7 +83,8 @@ class FreezeCacheTrainer(Trainer):
         self.freeze_args = freeze_args or FreezeCacheArguments()
         self.freeze_callback = FreezeCacheCallback(self.freeze_args, model=model)
         self.discard_controller: DiscardController | None = None
-        if args is not None and args.world_size > 1 and self.freeze_args.freeze_policy != "none":
+        freezes = self.freeze_args.freeze_policy != "none" or activation_cache is not None
+        if args is not None and args.world_size > 1 and freezes:
             if args.ddp_find_unused_parameters is False:
                 raise ValueError(
                     "--ddp_find_unused_parameters false cannot train with frozen blocks under DDP: frozen and "
@@ -98,17 +99,6 @@ class FreezeCacheTrainer(Trainer):
             args.remove_unused_columns = False
             cached = CachedActivationDataset(activation_cache, decode_threads=self.freeze_args.cache_decode_threads)
             train_dataset = DiscardableTrainDataset(None, cached=cached)
-            data_collator = FreezeCacheCollator(data_collator)
-            self.discard_controller = DiscardController(
-                model,
-                self.freeze_callback.engine.adapter,
-                self.freeze_args,
-                train_dataset,
-                data_collator,
-                cache_dataset=None,
-                pinned_cache=activation_cache,
-            )
-            self.freeze_callback.discard_controller = self.discard_controller
         elif self.freeze_args.discard:
             if args is None or train_dataset is None:
                 raise ValueError("--discard true needs `args` and `train_dataset`.")
@@ -125,7 +115,9 @@ class FreezeCacheTrainer(Trainer):
                     "No cache_dataset given: the cache is built from train_dataset. If it applies random "
                     "augmentation, one random version of each image is cached; pass the un-augmented split."
                 )
+            cache_dataset = cache_dataset if cache_dataset is not None else train_dataset
             train_dataset = DiscardableTrainDataset(train_dataset)
+        if isinstance(train_dataset, DiscardableTrainDataset):
             data_collator = FreezeCacheCollator(data_collator)
             self.discard_controller = DiscardController(
                 model,
@@ -133,7 +125,8 @@ class FreezeCacheTrainer(Trainer):
                 self.freeze_args,
                 train_dataset,
                 data_collator,
-                cache_dataset if cache_dataset is not None else train_dataset.images,
+                cache_dataset,
+                pinned_cache=activation_cache,
             )
             self.freeze_callback.discard_controller = self.discard_controller
         super().__init__(
