@@ -1,4 +1,4 @@
-"""A small name -> class registry shared by policies, codecs and model adapters."""
+"""A small name -> class registry shared by policies, codecs, sidecars, augmentations and model adapters."""
 
 from __future__ import annotations
 
@@ -18,17 +18,25 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, type[T]] = {}
+        self._configs: dict[str, type] = {}
 
-    def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Class decorator registering `cls` under `name`."""
+    def register(self, name: str, *, config: type | None = None) -> Callable[[type[T]], type[T]]:
+        """Class decorator registering `cls` under `name`, with the config dataclass its options live in (if any)."""
 
         def decorator(cls: type[T]) -> type[T]:
             if name in self._entries:
                 raise ValueError(f"A {self.kind} named {name!r} is already registered ({self._entries[name]}).")
             self._entries[name] = cls
+            if config is not None:
+                self._configs[name] = config
             return cls
 
         return decorator
+
+    def config_class(self, name: str) -> type | None:
+        """The config dataclass registered with `name` (None when it was registered without one)."""
+        self.get(name)  # an unknown name raises, listing the known ones
+        return self._configs.get(name)
 
     def get(self, name: str) -> type[T]:
         """Returns the class registered as `name`, or raises a `ValueError` listing the known names."""

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from hf_freezecache import FreezeCacheArguments
 from hf_freezecache.augmentation import build_feature_augmentation
 from hf_freezecache.cache import (
     ActivationCache,
@@ -35,10 +34,11 @@ from hf_freezecache.cache import (
     dataset_fingerprint,
     fingerprint_parts,
 )
+from hf_freezecache.cache.config import CacheConfig
 from hf_freezecache.data import EMBEDDED_CIFAR10, collate_image_batch, load_image_classification
-from hf_freezecache.freezing import ACTIVATIONS_KEY, DiscardedPrefix, FreezingEngine
-from hf_freezecache.integrations import FreezeCacheCollator
-from hf_freezecache.models import build_model, get_block_adapter
+from hf_freezecache.discard import FreezeCacheCollator
+from hf_freezecache.model import ACTIVATIONS_KEY, FreezeCacheModel
+from hf_freezecache.models import build_model
 
 SHARED_RESNET20 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "resnet-cifar10")
 
@@ -76,10 +76,9 @@ class _InMemoryBatches:
 def overhead(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     data = load_image_classification(args.dataset_name, max_train_samples=args.max_train_samples, augment=True)
-    model = build_model("resnet20", data.num_labels, args.pretrained_weights)
-    adapter = get_block_adapter(model)
-    engine = FreezingEngine(adapter)
-    engine.freeze(range(args.position))
+    model = FreezeCacheModel(build_model("resnet20", data.num_labels, args.pretrained_weights))
+    adapter = model.adapter
+    model.freeze_blocks(range(args.position))
     n = len(data.train)
     augmentation = build_feature_augmentation("feature-maps", flip_probability=0.5, crop_padding=0.125)
 
@@ -94,10 +93,10 @@ def overhead(args: argparse.Namespace) -> dict:
     runs = [_train_epoch(model, images, fresh_optimizer()) for _ in range(args.repeats)]
     freeze_only, steps = float(np.median([t for t, _ in runs])), runs[0][1]
 
-    DiscardedPrefix(model, adapter).discard(args.position)
+    model.discard(args.position)
     dataset_hash = dataset_fingerprint(data.train_unaugmented)
     for name in args.codecs.split(","):
-        config = FreezeCacheArguments(cache_codec=name, cache_tolerance=args.tolerance).codec_config()
+        config = CacheConfig(codec=name, tolerance=args.tolerance).codec_config()
         folder = os.path.join(args.output_dir, f"cache-{name}-k{args.chunk_size}")
         parts = fingerprint_parts(adapter, args.position, dataset_hash, config, args.chunk_size)
         try:

@@ -18,7 +18,8 @@ import torch
 
 from hf_freezecache.accounting import measure_step_cost
 from hf_freezecache.freezing import FreezingEngine
-from hf_freezecache.models import build_model, get_block_adapter
+from hf_freezecache.model import FreezeCacheModel
+from hf_freezecache.models import build_model
 
 
 def _load(folder: str, name: str) -> dict:
@@ -28,7 +29,7 @@ def _load(folder: str, name: str) -> dict:
 
 def state_memory(model_name: str, frozen_blocks: list[int], batch_size: int, image_size: int = 32) -> int:
     """Training memory in bytes of `model_name` with `frozen_blocks` frozen, at `batch_size`."""
-    model = build_model(model_name, num_labels=10)
+    model = FreezeCacheModel(build_model(model_name, num_labels=10))
     batch = {
         "pixel_values": torch.randn(batch_size, 3, image_size, image_size),
         "labels": torch.zeros(batch_size).long(),
@@ -36,7 +37,7 @@ def state_memory(model_name: str, frozen_blocks: list[int], batch_size: int, ima
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(**batch).loss.backward()
     optimizer.step()
-    FreezingEngine(get_block_adapter(model), optimizer).freeze(frozen_blocks)
+    FreezingEngine(model, optimizer).freeze(frozen_blocks)
     return measure_step_cost(model, batch, optimizer).memory_bytes
 
 

@@ -7,12 +7,13 @@
 
 The `train_image_classifier.py` recipe (`FreezeCacheTrainer`) written out as a training loop, in the style of
 transformers' `examples/pytorch/image-classification/run_image_classification_no_trainer.py`, from the same library
-pieces: a freezing policy decides after every optimizer step, `FreezingEngine` freezes, `BlockUpdateScaler` applies
-the policy's per-block learning rates (FreezeOut), and with `--discard true` the frozen prefix is discarded at the
-next epoch boundary: `build_activation_cache` runs it once over the un-augmented training images (every process
-its share), and training goes on from a `CachedActivationDataset` with the cache (reused when its fingerprint
-matches), sample order and feature augmentation of `FreezeCacheTrainer`. Each epoch ends with an evaluation of the
-whole model on raw images.
+pieces: the model is a `FreezeCacheModel`, a `PolicyRunner` asks the freezing policy after every optimizer step (the
+main process's decision applies on every process), `FreezingEngine` freezes, `BlockUpdateScaler` applies the
+policy's per-block learning rates (FreezeOut), and with `--discard true` the `PrefixDiscarder` of the Trainer path
+discards the frozen prefix at the next epoch boundary: the cache is reused when its fingerprint matches or built by
+all processes together from the un-augmented training images, and the training data (a `DiscardableTrainDataset`
+read through a `ChunkShuffleSampler`, the `FreezeCacheCollator` with its feature augmentation) switches to it. Each
+epoch ends with an evaluation of the whole model on raw images.
 
 Arguments are `ModelArguments`, `DataTrainingArguments`, `FreezeCacheArguments` and this recipe's
 `NoTrainerArguments` (`--help` lists them all); a `.yaml`/`.json` config file of these options may come first, and
@@ -23,7 +24,6 @@ cost report, checkpoints and resumption, `--train_from_cache` and `report_to` lo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -43,26 +43,15 @@ from transformers import HfArgumentParser, PreTrainedModel, SchedulerType, get_s
 from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_freezecache.accounting import measure_step_cost
-from hf_freezecache.cache import (
-    ActivationCache,
-    CachedActivationDataset,
-    CacheMismatchError,
-    ChunkShuffleSampler,
-    build_activation_cache,
-    build_codec,
-    dataset_fingerprint,
-)
+from hf_freezecache.cache import ChunkShuffleSampler
 from hf_freezecache.config import FreezeCacheArguments
-from hf_freezecache.data import ImageClassificationData, collate_image_batch, probe_batch
-from hf_freezecache.freezing import BlockUpdateScaler, DiscardedPrefix, FreezingEngine
-from hf_freezecache.integrations import FreezeCacheCollator
-from hf_freezecache.integrations.cache_request import (
-    requested_augmentation,
-    requested_fingerprint,
-    requested_sidecars,
-)
-from hf_freezecache.models import BlockAdapter, build_model, get_block_adapter
-from hf_freezecache.policies import BlockProbe, FreezePolicy, TrainingProgress, build_policy
+from hf_freezecache.data import collate_image_batch, probe_batch
+from hf_freezecache.discard import CacheBuildSettings, DiscardableTrainDataset, FreezeCacheCollator, PrefixDiscarder
+from hf_freezecache.freezing import BlockUpdateScaler, FreezingEngine
+from hf_freezecache.model import ACTIVATIONS_KEY, FreezeCacheModel
+from hf_freezecache.models import build_model, check_block_split, get_block_adapter
+from hf_freezecache.policies import BlockProbe, TrainingProgress, build_policy
+from hf_freezecache.policies.runner import PolicyRunner
 from hf_freezecache.run.arguments import DataTrainingArguments, ModelArguments, expand_config_file
 
 logger = get_logger(__name__)
@@ -150,102 +139,6 @@ def make_train_dataloader(
     )
 
 
-def discard_position(
-    adapter: BlockAdapter, freeze_args: FreezeCacheArguments, frozen_prefix: int, discarded: int
-) -> int | None:
-    """The block position to discard at now, given the frozen prefix, or None to keep training as is (the rule of
-    `DiscardController.target_position`: the deepest allowed position the prefix reached, one block at least left)."""
-    reachable = min(frozen_prefix, adapter.num_blocks - 1)
-    positions = freeze_args.parsed_discard_positions()
-    if positions is not None:
-        reachable = max([p for p in positions if p <= reachable], default=0)
-    return reachable if reachable > discarded else None
-
-
-def load_or_build_cache(
-    accelerator: Accelerator,
-    adapter: BlockAdapter,
-    position: int,
-    data: ImageClassificationData,
-    freeze_args: FreezeCacheArguments,
-    args: NoTrainerArguments,
-) -> tuple[ActivationCache, bool]:
-    """The activation cache at `position`, and whether it was reused: the one in its folder when its fingerprint
-    matches the model's prefix, the data and the options, otherwise built by all processes together.
-
-    The sidecars and fingerprint are those `FreezeCacheTrainer` asks for (`requested_sidecars`,
-    `requested_fingerprint`), so either recipe reuses the other's caches.
-    """
-    root = freeze_args.cache_dir or os.path.join(args.output_dir, "activation_cache")
-    folder = os.path.join(root, f"position-{position:02d}")
-    sidecars = requested_sidecars(freeze_args, adapter)
-    dataset_hash = dataset_fingerprint(data.train_unaugmented)
-    parts = requested_fingerprint(adapter, position, freeze_args, dataset_hash, sidecars, data.train, args.seed)
-    # The main process decides (it verifies the shards once) and the others follow, so all build together or none.
-    reuse = [False]
-    if accelerator.is_main_process and os.path.isdir(folder):
-        try:
-            ActivationCache.load(folder, expected_fingerprint=parts)
-            reuse = [True]
-        except CacheMismatchError as error:
-            logger.warning("%s Rebuilding it.", error)
-    broadcast_object_list(reuse, from_process=0)
-    if not reuse[0]:
-        build_activation_cache(
-            adapter,
-            position,
-            data.train_unaugmented,
-            folder,
-            build_codec(freeze_args.codec_config()),
-            freeze_args.cache_chunk_size,
-            parts,
-            collate_fn=collate_image_batch,
-            batch_size=freeze_args.cache_batch_size or args.per_device_eval_batch_size,
-            device=accelerator.device,
-            num_workers=args.dataloader_num_workers,
-            encode_threads=freeze_args.cache_decode_threads,
-            max_shard_size=freeze_args.cache_max_shard_size,
-            sidecars=sidecars,
-            augmented_dataset=data.train,
-            seed=args.seed,
-            processes=accelerator,
-        )
-    return ActivationCache.load(folder, expected_fingerprint=parts, verify=accelerator.is_main_process), reuse[0]
-
-
-def discard_prefix(
-    accelerator: Accelerator,
-    prefix: DiscardedPrefix,
-    position: int,
-    data: ImageClassificationData,
-    freeze_args: FreezeCacheArguments,
-    args: NoTrainerArguments,
-) -> DataLoader:
-    """Discards blocks `0..position-1`: gets their activation cache and returns the prepared training DataLoader
-    that reads it, with the feature augmentation."""
-    adapter = prefix.adapter
-    if accelerator.num_processes > 1:
-        prefix.broadcast_from_main(position)
-    # A prefix discarded earlier may sit offloaded: each cache is built from images through the whole prefix, so its
-    # error stays within the codec's bound instead of compounding across caches.
-    with prefix.restored():
-        cache, reused = load_or_build_cache(accelerator, adapter, position, data, freeze_args, args)
-    # Under DDP the prefix stays on the training device: DDP broadcasts all buffers before every forward.
-    prefix.discard(position, offload=accelerator.num_processes == 1)
-    collator = FreezeCacheCollator(collate_image_batch)
-    collator.augmentation = requested_augmentation(freeze_args, adapter, cache.manifest)
-    cached = CachedActivationDataset(cache, decode_threads=freeze_args.cache_decode_threads)
-    logger.info(
-        "Discarded blocks 0-%d: training reads %s (%s, %.2fx compression, %s).",
-        position - 1,
-        cache.folder,
-        cache.manifest.codec["name"],
-        cache.manifest.compression_ratio,
-        "reused" if reused else f"built in {cache.manifest.build_seconds:.1f} s",
-    )
-    return accelerator.prepare(make_train_dataloader(cached, collator, args))
-
-
 def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> float:
     """Accuracy of `model` over the whole evaluation set (all processes' batches, without the padding duplicates)."""
     model.eval()
@@ -260,28 +153,16 @@ def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator)
 
 
 def log_step_cost(
-    model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, prefix: DiscardedPrefix | None
+    model: FreezeCacheModel, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, autocast_dtype
 ) -> None:
-    """Logs what one training step costs in the current freeze state, measured on a copy of the model."""
-    cost = measure_step_cost(model, batch, optimizer, exclude=prefix.prefix_tensors() if prefix else [])
+    """Logs what one training step costs in the current freeze state, measured on a true replica of the model."""
+    cost = measure_step_cost(model, batch, optimizer, exclude=model.prefix_tensors(), autocast_dtype=autocast_dtype)
     logger.info(
         "Step cost in this freeze state: %.2f MFLOPs per sample, %.1f MB of training memory (batch of %d).",
         cost.flops_per_sample / 1e6,
         cost.memory_bytes / 2**20,
         cost.batch_size,
     )
-
-
-def decide_freeze(policy: FreezePolicy, engine: FreezingEngine, progress: TrainingProgress) -> list[int]:
-    """Asks the policy which blocks to freeze now and freezes them; returns the newly frozen blocks.
-
-    Every process must freeze the same blocks, or their gradients and caches would no longer match: the main
-    process's decision is applied everywhere (a policy reading BatchNorm statistics, e.g. through its probe, can
-    decide differently on another process's statistics).
-    """
-    decided = [policy.blocks_to_freeze(progress, frozenset(engine.frozen))]
-    broadcast_object_list(decided, from_process=0)
-    return engine.freeze(decided[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | int]:
@@ -305,27 +186,26 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
     )
     set_seed(args.seed)
+    processes = accelerator if accelerator.num_processes > 1 else None
 
     data = data_args.load()
-    model = build_model(
+    base = build_model(
         model_args.model, data.num_labels, model_args.pretrained_weights, model_args.parsed_timm_kwargs()
     )
-    adapter = get_block_adapter(model, **freeze_args.adapter_modules())
-    positions = freeze_args.parsed_discard_positions()
-    if freeze_args.discard and positions and positions[-1] >= adapter.num_blocks:
-        raise ValueError(
-            f"--discard_positions {freeze_args.discard_positions!r}: position {positions[-1]} leaves no block to "
-            f"train; this model has {adapter.num_blocks} blocks, so positions go from 1 to {adapter.num_blocks - 1}."
-        )
-    policy = build_policy(freeze_args)
-    policy.setup(adapter)
-    engine = FreezingEngine(adapter)
-    scaler = BlockUpdateScaler(adapter)
-    # Installed before `prepare`, so that DDP and the mixed-precision wrapper call the forward that accepts
-    # `prefix_activations`.
-    prefix = DiscardedPrefix(model, adapter) if freeze_args.discard else None
-    whole_model = prefix.restored if prefix else contextlib.nullcontext
+    model = FreezeCacheModel(base, get_block_adapter(base, **freeze_args.adapter_modules()))
+    policy = build_policy(freeze_args.policy_config())
+    policy.setup(model.adapter)
+    engine = FreezingEngine(model)
+    scaler = BlockUpdateScaler(model.adapter)
+    runner = PolicyRunner(policy, engine, processes)
 
+    train_data = DiscardableTrainDataset(data.train)
+    collator = FreezeCacheCollator(collate_image_batch)
+    discarder = None
+    if freeze_args.discard:
+        cache_root = os.path.join(args.output_dir, "activation_cache")
+        config = freeze_args.discard_config()
+        discarder = PrefixDiscarder(model, config, train_data, collator, data.train_unaugmented, cache_root)
     optimizer = build_optimizer(model, args)
     eval_dataloader = DataLoader(
         data.eval,
@@ -334,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         num_workers=args.dataloader_num_workers,
     )
     model, optimizer, train_loader, eval_dataloader = accelerator.prepare(
-        model, optimizer, make_train_dataloader(data.train, collate_image_batch, args), eval_dataloader
+        model, optimizer, make_train_dataloader(train_data, collator, args), eval_dataloader
     )
+    wrapper: FreezeCacheModel = accelerator.unwrap_model(model)
     engine.attach_optimizer(optimizer)
     steps_per_epoch = len(train_loader)
     max_steps = args.num_train_epochs * steps_per_epoch
@@ -344,14 +225,28 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
     lr_scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=max_steps
     )
+    probe = probe_batch(train_loader, args.per_device_train_batch_size, accelerator.device)
+    if freeze_args.freeze_policy != "none" or discarder is not None:
+        check_block_split(wrapper.adapter, probe["pixel_values"][:4])
     if policy.needs_probe:
-        probe = probe_batch(train_loader, freeze_args.policy_probe_size, accelerator.device)
-        policy.set_probe(BlockProbe(adapter, probe["pixel_values"], restore=prefix.restored if prefix else None))
+        pixels = probe_batch(train_loader, policy.config.probe_size, accelerator.device)["pixel_values"]
+        runner.timed(policy.set_probe, BlockProbe(wrapper.adapter, pixels, restore=wrapper.restored))
+    build = CacheBuildSettings(
+        device=accelerator.device,
+        batch_size=freeze_args.cache_batch_size or args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        seed=args.seed,
+        progress=accelerator.is_local_main_process,
+        processes=processes,
+    )
+    if discarder is not None:
+        discarder.check_destination(probe["pixel_values"])
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
     logger.info(
         "Training %s (%d blocks, %s policy) on %d images for %d epochs: %d steps of %d x %d processes.",
         model_args.model,
-        adapter.num_blocks,
+        wrapper.num_blocks,
         policy.describe(),
         len(data.train),
         args.num_train_epochs,
@@ -360,21 +255,28 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         accelerator.num_processes,
     )
     global_step = 0
-    new = decide_freeze(policy, engine, TrainingProgress(0, max_steps, 0.0, num_epochs))
+    new = runner.decide(TrainingProgress(0, max_steps, 0.0, num_epochs))
     if new:
-        logger.info("Froze blocks %s before the first step.", new)
-    cost_pending = freeze_args.cost_report
+        logger.info("Froze blocks %s before the first step.", [event["block"] for event in new])
+    cost_batch = probe if freeze_args.cost_report else None
+    cost_pending = cost_batch is not None
     accuracy = 0.0
     running_loss, running_steps = torch.zeros((), device=accelerator.device), 0
     progress_bar = tqdm(total=max_steps, disable=not accelerator.is_local_main_process)
     for epoch in range(args.num_train_epochs):
-        position = discard_position(adapter, freeze_args, engine.frozen_prefix, prefix.position) if prefix else None
+        position = discarder.target_position(engine.frozen_prefix) if discarder is not None else None
         if position is not None:
-            train_loader = discard_prefix(accelerator, prefix, position, data, freeze_args, args)
-            cost_pending = freeze_args.cost_report
-        # The prepared DataLoader re-seeds its sampler with its own epoch counter, which a new DataLoader restarts.
+            # Under DDP the prefix stays on the training device: DDP broadcasts all buffers before every forward.
+            offload = "cpu" if accelerator.num_processes == 1 else None
+            discarder.discard(position, build, probe["pixel_values"], offload)
+            if cost_batch is not None:
+                with torch.no_grad(), wrapper.restored():
+                    activations = wrapper.adapter.prefix(probe["pixel_values"], position)
+                cost_batch = {ACTIVATIONS_KEY: activations, "labels": probe["labels"]}
+                cost_pending = True
+        # The prepared DataLoader re-seeds its sampler with its own epoch counter.
         train_loader.set_epoch(epoch)
-        model.train()  # frozen blocks stay in eval mode (FreezingEngine)
+        model.train()  # frozen blocks stay in eval mode (FreezeCacheModel.train)
         for step, batch in enumerate(train_loader):
             loss = model(**batch).loss
             accelerator.backward(loss)
@@ -383,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
             # Gradients are present: the policy may observe them, and its per-block learning rates (FreezeOut's
             # annealing) scale each block's update, whatever the optimizer and schedule.
             progress = TrainingProgress(global_step, max_steps, epoch + step / steps_per_epoch, num_epochs)
-            policy.observe_gradients(progress)
-            scaler.before_step(policy.lr_scales(progress, frozenset(engine.frozen)))
+            scaler.before_step(runner.before_optimizer_step(progress))
             optimizer.step()
             scaler.after_step()
             lr_scheduler.step()
@@ -396,21 +297,19 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
 
             if cost_pending and accelerator.is_main_process:
                 # After the state's first optimizer step, so that the optimizer state is measured too.
-                cost_batch = probe_batch(train_loader, args.per_device_train_batch_size, accelerator.device)
-                log_step_cost(accelerator.unwrap_model(model), cost_batch, optimizer, prefix)
+                log_step_cost(wrapper, cost_batch, optimizer, autocast_dtype)
             cost_pending = False
             epochs_done = epoch + (step + 1) / steps_per_epoch
-            progress = TrainingProgress(global_step, max_steps, epochs_done, num_epochs)
-            new = decide_freeze(policy, engine, progress)
+            new = runner.decide(TrainingProgress(global_step, max_steps, epochs_done, num_epochs))
             if new:
-                cost_pending = freeze_args.cost_report
+                cost_pending = cost_batch is not None
                 logger.info(
                     "Step %d (epoch %.2f): froze blocks %s; frozen prefix is now %d of %d blocks.",
                     global_step,
                     epochs_done,
-                    new,
+                    [event["block"] for event in new],
                     engine.frozen_prefix,
-                    adapter.num_blocks,
+                    wrapper.num_blocks,
                 )
             if global_step % args.logging_steps == 0:
                 mean_loss = accelerator.reduce(running_loss / running_steps, reduction="mean").item()
@@ -423,11 +322,11 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
                     mean_loss,
                     lr_scheduler.get_last_lr()[0],
                     len(engine.frozen),
-                    prefix.position if prefix else 0,
+                    wrapper.discarded_position,
                     engine.trainable_parameters(),
                 )
 
-        with whole_model():
+        with wrapper.restored():
             accuracy = evaluate(model, eval_dataloader, accelerator)
         logger.info("Epoch %d: eval accuracy %.4f.", epoch + 1, accuracy)
     progress_bar.close()
@@ -436,16 +335,16 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         "eval_accuracy": accuracy,
         "epoch": float(args.num_train_epochs),
         "frozen_blocks": len(engine.frozen),
-        "discarded_prefix": prefix.position if prefix else 0,
+        "discarded_prefix": wrapper.discarded_position,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
-        if isinstance(unwrapped, PreTrainedModel):
-            unwrapped.save_pretrained(args.output_dir)  # model.safetensors and the config: loads with from_pretrained
+        trained = wrapper.unwrap()
+        if isinstance(trained, PreTrainedModel):
+            trained.save_pretrained(args.output_dir)  # model.safetensors and the config: loads with from_pretrained
         else:
-            save_model(unwrapped, os.path.join(args.output_dir, "model.safetensors"), metadata={"format": "pt"})
+            save_model(trained, os.path.join(args.output_dir, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
             json.dump(results, f, indent=2)
         logger.info("Model and eval_results.json written to %s: %s", args.output_dir, results)

@@ -21,6 +21,7 @@ import sys
 
 from train_image_classifier import main as train_main
 
+from hf_freezecache.policies import CKAConfig, SmartFRZConfig
 from hf_freezecache.policies.smartfrz.training import (
     HistoryRecorder,
     HistoryWindows,
@@ -80,18 +81,20 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     rec = commands.add_parser("record", help="train with a HistoryRecorder; training flags follow '--'")
     rec.add_argument("--reference", required=True, help="output_dir of the reference run (same model and data)")
     rec.add_argument("--history", required=True, help="where to write the .npz history")
-    rec.add_argument("--records_per_epoch", type=int, default=4)
-    rec.add_argument("--probe_size", type=int, default=256)
+    # The defaults are the policies': histories are recorded and windowed as the smartfrz policy reads them, and
+    # labelled with the cka policy's rule.
+    rec.add_argument("--records_per_epoch", type=int, default=SmartFRZConfig.records_per_epoch)
+    rec.add_argument("--probe_size", type=int, default=CKAConfig.probe_size)
     fitp = commands.add_parser("fit", help="fit the predictor on recorded histories")
     fitp.add_argument("--train", nargs="+", required=True)
     fitp.add_argument("--validation", nargs="*", default=[])
     fitp.add_argument("--test", nargs="*", default=[])
     fitp.add_argument("--output", required=True, help="predictor .safetensors")
     fitp.add_argument("--report", required=True, help="metrics .json")
-    fitp.add_argument("--window", type=int, default=30)
-    fitp.add_argument("--min_records", type=int, default=8)
-    fitp.add_argument("--cka_window", type=int, default=4)
-    fitp.add_argument("--cka_tolerance", type=float, default=0.02)
+    fitp.add_argument("--window", type=int, default=SmartFRZConfig.window)
+    fitp.add_argument("--min_records", type=int, default=SmartFRZConfig.min_records)
+    fitp.add_argument("--cka_window", type=int, default=CKAConfig.window)
+    fitp.add_argument("--cka_tolerance", type=float, default=CKAConfig.tolerance)
     fitp.add_argument("--epochs", type=int, default=30)
     fitp.add_argument("--seed", type=int, default=0)
     cut = argv.index("--") if "--" in argv else len(argv)

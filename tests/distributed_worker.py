@@ -24,7 +24,7 @@ class ProcessReport(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         dataset = train_dataloader.dataset
-        adapter_blocks = [model.layer1[i] for i in range(3)]
+        adapter_blocks = [model.unwrap().layer1[i] for i in range(3)]
         report = {
             "process_index": args.process_index,
             "world_size": args.world_size,

@@ -4,7 +4,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_freezecache.accounting import CostReport, FreezeStateRecord, measure_step_cost
 from hf_freezecache.freezing import FreezingEngine
-from hf_freezecache.models import CifarResNet, get_block_adapter
+from hf_freezecache.model import FreezeCacheModel
+from hf_freezecache.models import CifarResNet
 
 
 def _flop_counter_step(model, batch):
@@ -14,11 +15,11 @@ def _flop_counter_step(model, batch):
 
 
 def test_frozen_state_flops_are_lower_and_equal_what_flop_counter_reports(cifar_batch):
-    model = CifarResNet.from_name("resnet20")
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
     full = measure_step_cost(model, cifar_batch)
     assert full.flops_per_sample * 16 == _flop_counter_step(CifarResNet.from_name("resnet20"), cifar_batch)
 
-    FreezingEngine(get_block_adapter(model)).freeze(range(6))
+    FreezingEngine(model).freeze(range(6))
     frozen = measure_step_cost(model, cifar_batch)
     assert frozen.flops_per_sample < full.flops_per_sample
     assert frozen.forward_flops_per_sample == full.forward_flops_per_sample  # the prefix still runs forward
@@ -26,11 +27,11 @@ def test_frozen_state_flops_are_lower_and_equal_what_flop_counter_reports(cifar_
 
 
 def test_memory_counts_gradients_of_trainable_parameters_and_live_optimizer_state(cifar_batch):
-    model = CifarResNet.from_name("resnet20")
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(**cifar_batch).loss.backward()
     optimizer.step()
-    engine = FreezingEngine(get_block_adapter(model), optimizer)
+    engine = FreezingEngine(model, optimizer)
     engine.freeze(range(3))
     cost = measure_step_cost(model, cifar_batch, optimizer)
     trainable_bytes = 4 * engine.trainable_parameters()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,15 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_freezecache.models import BlockAdapter, GenericBlockAdapter, ImageClassifierWrapper, get_block_adapter
+from hf_freezecache.models import (
+    BlockAdapter,
+    CifarResNet,
+    GenericBlockAdapter,
+    ImageClassifierWrapper,
+    check_block_split,
+    get_block_adapter,
+)
+from hf_freezecache.models.cifar_resnet import CifarResNetAdapter
 from hf_freezecache.models.hf_resnet import HFResNetAdapter
 from hf_freezecache.models.hf_vit import HFDeiTAdapter, HFViTAdapter
 from hf_freezecache.models.timm_resnet import TimmResNetAdapter
@@ -44,6 +53,7 @@ class Case:
 
 
 CASES = {
+    "cifar-resnet20": Case(lambda: CifarResNet.from_name("resnet20"), CifarResNetAdapter, 9, ["linear"]),
     "hf-resnet-bottleneck": Case(
         lambda: ResNetForImageClassification(
             ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=10)
@@ -145,6 +155,32 @@ def test_prefix_then_suffix_is_the_forward(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_built_in_families_pass_the_split_check(case: Case) -> None:
+    _, adapter = build(case)
+    check_block_split(adapter, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bind_views_another_instance(case: Case) -> None:
+    _, adapter = build(case)
+    other = copy.deepcopy(adapter.model)
+    bound = adapter.bind(other)
+    assert type(bound) is type(adapter) and bound.model is other
+    modules = {id(module) for module in other.modules()}
+    assert all(id(block) in modules for block in bound.blocks)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for position in range(adapter.num_blocks + 1):
+            expected = adapter.prefix(pixel_values, position)
+            torch.testing.assert_close(bound.prefix(pixel_values, position), expected, rtol=0, atol=0)
+        for parameter in bound.block_parameters(0):
+            parameter.add_(0.1)
+        assert not torch.equal(bound.prefix(pixel_values, 1), adapter.prefix(pixel_values, 1))
+    with pytest.raises(ValueError, match=f"bind needs another {type(adapter.model).__name__}.*got Linear"):
+        adapter.bind(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_parameters_split_into_blocks_and_head(case: Case) -> None:
     model, adapter = build(case)
     block0 = {id(p) for p in adapter.block_parameters(0)}
@@ -177,7 +213,9 @@ def test_hf_deit_stem_takes_both_tokens() -> None:
 def test_hf_vit_interpolated_position_embeddings() -> None:
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig(**TINY_VIT, num_labels=10)).eval()
-    assert_prefix_suffix_equivalent(HFViTAdapter(model, interpolate_pos_encoding=True), image_size=48)
+    adapter = HFViTAdapter(model, interpolate_pos_encoding=True)
+    assert_prefix_suffix_equivalent(adapter, image_size=48)
+    assert_prefix_suffix_equivalent(adapter.bind(copy.deepcopy(model)), image_size=48)
 
 
 def test_unknown_model_names_families_and_block_modules() -> None:
@@ -207,6 +245,10 @@ def test_generic_on_torchvision_resnet18() -> None:
     assert adapter.block_names() == TORCHVISION_RESNET18_BLOCKS
     assert_prefix_suffix_equivalent(adapter)
     assert_parameters_partitioned(model, adapter, ["fc"])
+    bound = adapter.bind(copy.deepcopy(model))
+    names = (bound.block_module_names, bound.stem_module_names, bound.head_module_names, bound.head_pooling)
+    assert names == (TORCHVISION_RESNET18_BLOCKS, ["conv1", "bn1", "relu", "maxpool"], ["avgpool", "fc"], "none")
+    assert_prefix_suffix_equivalent(bound)
 
 
 def test_generic_on_trainer_style_model() -> None:

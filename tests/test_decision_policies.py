@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,8 +20,13 @@ from hf_freezecache import FreezeCacheArguments, FreezeCacheTrainer
 from hf_freezecache.data import collate_image_batch, load_image_classification
 from hf_freezecache.models import CifarResNet, get_block_adapter
 from hf_freezecache.policies import (
+    AutoFreezeConfig,
     BlockProbe,
+    CKAConfig,
+    EgeriaConfig,
     FreezePolicy,
+    PolicyConfig,
+    SmartFRZConfig,
     TrainingProgress,
     build_policy,
     linear_cka,
@@ -45,8 +51,8 @@ def _adapter(seed=0):
     return get_block_adapter(CifarResNet.from_name("resnet20"))  # 9 blocks
 
 
-def _policy(adapter=None, **options):
-    policy = build_policy(FreezeCacheArguments(**options))
+def _policy(config, adapter=None):
+    policy = build_policy(config)
     policy.setup(adapter or _adapter())
     return policy
 
@@ -137,7 +143,7 @@ def test_cka_policy_freezes_blocks_whose_similarity_stopped_moving_in_any_order(
     adapter = _adapter(seed=0)
     reference = CifarResNet.from_name("resnet20")
     torch.save(reference.state_dict(), tmp_path / "reference.bin")
-    policy = _policy(adapter, freeze_policy="cka", cka_reference=str(tmp_path / "reference.bin"), cka_window=3)
+    policy = _policy(CKAConfig(reference=str(tmp_path / "reference.bin"), window=3), adapter)
     policy.set_probe(BlockProbe(adapter, cifar_batch["pixel_values"]))
     # The model does not train: every CKA value repeats, so each block is stable once it has 3 values.
     decisions = [policy.blocks_to_freeze(_progress(step), frozenset({4})) for step in range(1, 4)]
@@ -145,14 +151,14 @@ def test_cka_policy_freezes_blocks_whose_similarity_stopped_moving_in_any_order(
     assert decisions[2] == set(range(9)) - {4}  # out of order: block 4 is frozen, blocks after it still decide
     assert 4 not in policy.evidence and policy.evidence[5]["cka_range"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(FileNotFoundError, match="--cka_reference"):
-        _policy(freeze_policy="cka", cka_reference=str(tmp_path / "missing"))
+        _policy(CKAConfig(reference=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="needs --cka_reference"):
         FreezeCacheArguments(freeze_policy="cka")
 
 
 def test_cka_reference_must_match_the_model(tmp_path, cifar_batch):
     torch.save(CifarResNet.from_name("resnet32").state_dict(), tmp_path / "other.bin")
-    policy = _policy(freeze_policy="cka", cka_reference=str(tmp_path / "other.bin"))
+    policy = _policy(CKAConfig(reference=str(tmp_path / "other.bin")))
     with pytest.raises(ValueError, match="does not match the model being trained"):
         policy.set_probe(BlockProbe(policy.adapter, cifar_batch["pixel_values"]))
 
@@ -162,7 +168,7 @@ def test_cka_reference_must_match_the_model(tmp_path, cifar_batch):
 
 def test_autofreeze_percentile_and_sequential_constraint():
     adapter = _adapter()
-    policy = _policy(adapter, freeze_policy="autofreeze", autofreeze_evaluations_per_epoch=4)
+    policy = _policy(AutoFreezeConfig(evaluations_per_epoch=4), adapter)
     _set_block_gradient_norms(adapter, [1.0] * 9)
     policy.observe_gradients(_progress(1))
     assert policy.blocks_to_freeze(_progress(1), frozenset()) == set()  # first evaluation: g_prev only
@@ -183,7 +189,7 @@ def test_autofreeze_percentile_and_sequential_constraint():
 
 def test_autofreeze_averages_the_gradient_norm_over_the_interval():
     adapter = _adapter()
-    policy = _policy(adapter, freeze_policy="autofreeze", autofreeze_evaluations_per_epoch=1)
+    policy = _policy(AutoFreezeConfig(evaluations_per_epoch=1), adapter)
     for step, norm in ((1, 1.0), (2, 3.0), (3, 2.0)):
         _set_block_gradient_norms(adapter, [norm] * 9)
         policy.observe_gradients(_progress(step))
@@ -207,7 +213,7 @@ def test_egeria_rule_freezes_front_blocks_that_stopped_improving():
 
 def test_egeria_measures_plasticity_against_a_bf16_reference(cifar_batch):
     adapter = _adapter()
-    policy = _policy(adapter, freeze_policy="egeria", egeria_window=3)
+    policy = _policy(EgeriaConfig(window=3), adapter)
     policy.set_probe(BlockProbe(adapter, cifar_batch["pixel_values"]))
     assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in policy.reference[0])
     with torch.no_grad():  # one "training step" that moves block 2 only
@@ -307,11 +313,7 @@ def _predictor_file(tmp_path, freeze: bool):
 def test_smartfrz_records_a_window_and_decides_once_it_has_enough(tmp_path):
     adapter = _adapter()
     policy = _policy(
-        adapter,
-        freeze_policy="smartfrz",
-        smartfrz_predictor=_predictor_file(tmp_path, freeze=True),
-        smartfrz_window=3,
-        smartfrz_min_records=2,
+        SmartFRZConfig(predictor=_predictor_file(tmp_path, freeze=True), window=3, min_records=2), adapter
     )
     assert policy.blocks_to_freeze(_progress(1), frozenset()) == set()  # one record
     assert policy.blocks_to_freeze(_progress(2), frozenset({5})) == set(range(9)) - {5}
@@ -320,7 +322,7 @@ def test_smartfrz_records_a_window_and_decides_once_it_has_enough(tmp_path):
         policy.blocks_to_freeze(_progress(step), frozenset())
     assert len(policy.history[0]) == 3  # the window keeps the last 3
     assert policy.evidence[0] == {"freeze_probability": pytest.approx(1.0), "records": 3.0}
-    keep = _policy(adapter, freeze_policy="smartfrz", smartfrz_predictor=_predictor_file(tmp_path, freeze=False))
+    keep = _policy(SmartFRZConfig(predictor=_predictor_file(tmp_path, freeze=False)), adapter)
     assert all(not keep.blocks_to_freeze(_progress(step), frozenset()) for step in range(1, 12))
 
 
@@ -359,13 +361,18 @@ def test_bad_policy_options_are_refused_with_the_value(options, message):
 
 def test_missing_predictor_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        _policy(freeze_policy="smartfrz", smartfrz_predictor=str(tmp_path / "nope.safetensors"))
+        _policy(SmartFRZConfig(predictor=str(tmp_path / "nope.safetensors")))
 
 
 # -- with the Trainer: timeline, logs, discard, resume ------------------------------------------------------------
 
 
-@register_policy("test-out-of-order")
+@dataclass
+class _OutOfOrderConfig(PolicyConfig):
+    """No options."""
+
+
+@register_policy("test-out-of-order", config=_OutOfOrderConfig)
 class _OutOfOrder(FreezePolicy):
     """Freezes block 3 after epoch 1 and blocks 0-1 after epoch 2: a gap at block 2."""
 
@@ -412,7 +419,7 @@ def test_out_of_order_freezing_discards_only_the_longest_frozen_prefix(data, tmp
     callback = trainer.freeze_callback
     trainer.train()
     assert callback.engine.frozen == {0, 1, 3}
-    assert trainer.discard_controller.position == 2  # block 3 is frozen but stays in the model
+    assert trainer.discarder.position == 2  # block 3 is frozen but stays in the model
     assert not any(p.requires_grad for p in callback.engine.adapter.block_parameters(3))
     assert any(p.requires_grad for p in callback.engine.adapter.block_parameters(2))
     report = json.loads((tmp_path / "cost_report.json").read_text())
@@ -488,11 +495,11 @@ def test_representation_policies_work_on_a_vision_transformer(tmp_path):
     torch.save(ViTForImageClassification(config).state_dict(), tmp_path / "reference.bin")
     adapter = get_block_adapter(model)
     probe = BlockProbe(adapter, torch.randn(8, 3, 32, 32))
-    cka = _policy(adapter, freeze_policy="cka", cka_reference=str(tmp_path / "reference.bin"), cka_window=2)
+    cka = _policy(CKAConfig(reference=str(tmp_path / "reference.bin"), window=2), adapter)
     cka.set_probe(probe)
-    egeria = _policy(adapter, freeze_policy="egeria", egeria_window=2)
+    egeria = _policy(EgeriaConfig(window=2), adapter)
     egeria.set_probe(probe)
-    smartfrz = _policy(adapter, freeze_policy="smartfrz", smartfrz_min_records=1)
+    smartfrz = _policy(SmartFRZConfig(min_records=1), adapter)
     for step in (1, 2):
         for policy in (cka, egeria, smartfrz):
             policy.blocks_to_freeze(_progress(step), frozenset())

@@ -105,7 +105,7 @@ def test_none_cache_trains_exactly_like_freeze_only(data, tmp_path):
     frozen.train()
     discarded = _trainer(data, tmp_path / "discard", discard=True, cache_chunk_size=1)
     discarded.train()
-    assert discarded.discard_controller.position == 3
+    assert discarded.discarder.position == 3
     assert _logged(discarded, "loss") == _logged(frozen, "loss")
     assert _logged(discarded, "learning_rate") == _logged(frozen, "learning_rate")
     assert discarded.state.global_step == frozen.state.global_step == 2 * SAMPLES // BATCH
@@ -120,7 +120,7 @@ def test_discard_state_cost_excludes_prefix(data, tmp_path):
     assert [s.discarded_prefix for s in states] == [0, 3]  # the freeze state that saw no step is not kept
     first, discard = states[0].cost, states[1].cost
     adapter = trainer.freeze_callback.engine.adapter
-    prefix = {id(t) for t in trainer.discard_controller.prefix.prefix_tensors()}
+    prefix = {id(t) for t in trainer.model.prefix_tensors()}
     suffix_bytes = sum(
         t.numel() * t.element_size()
         for t in [*adapter.model.parameters(), *adapter.model.buffers()]
@@ -332,7 +332,7 @@ def test_resume_after_discard_reuses_or_rebuilds_the_cache(data, tmp_path):
             shutil.rmtree(run / "activation_cache")
         resumed = _trainer(data, run, epochs=3, save="no", discard=True)
         resumed.train(resume_from_checkpoint=str(checkpoint))
-        assert resumed.discard_controller.position == 3
+        assert resumed.discarder.position == 3
         assert resumed.freeze_callback.report.states[-1].discarded_prefix == 3
         for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
@@ -355,7 +355,7 @@ def test_two_discard_points_build_each_cache_from_images(data, tmp_path):
 
 def test_discard_positions_and_bad_options(caplog):
     args = FreezeCacheArguments(freeze_policy="fixed", freeze_schedule="1:3", discard=True, discard_positions="6, 3")
-    assert args.parsed_discard_positions() == [3, 6]
+    assert args.discard_config().parsed_positions() == [3, 6]
     with pytest.raises(ValueError, match="'0,3'"):
         FreezeCacheArguments(discard=True, discard_positions="0,3")
     # A recipe config lists positions; its rows without discarding only switch --discard off.

@@ -5,6 +5,7 @@ import torch
 
 from hf_freezecache.accounting import measure_step_cost
 from hf_freezecache.freezing import BlockUpdateScaler, FreezingEngine
+from hf_freezecache.model import FreezeCacheModel
 from hf_freezecache.models import CifarResNet, get_block_adapter
 
 
@@ -21,11 +22,11 @@ def _snapshot(modules):
 
 
 def test_frozen_blocks_stay_bit_identical_and_others_keep_training(cifar_batch):
-    model = CifarResNet.from_name("resnet20")
-    adapter = get_block_adapter(model)
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
+    adapter = model.adapter
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     _train_steps(model, optimizer, cifar_batch, 2)
-    engine = FreezingEngine(adapter, optimizer)
+    engine = FreezingEngine(model, optimizer)
     engine.freeze([0, 1, 4])
     frozen = _snapshot(adapter.block_modules(0) + adapter.block_modules(1) + adapter.block_modules(4))
     unfrozen = _snapshot([adapter.blocks[2], adapter.blocks[8]])
@@ -43,15 +44,15 @@ def test_frozen_blocks_stay_bit_identical_and_others_keep_training(cifar_batch):
 
 
 def test_frozen_parameters_leave_the_optimizer_and_their_state_is_freed(cifar_batch):
-    model = CifarResNet.from_name("resnet20")
-    adapter = get_block_adapter(model)
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
+    adapter = model.adapter
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     _train_steps(model, optimizer, cifar_batch, 1)
     frozen_params = adapter.block_parameters(0) + adapter.block_parameters(1)
     assert all(p in optimizer.state for p in frozen_params)
 
-    FreezingEngine(adapter, optimizer).freeze([0, 1])
+    FreezingEngine(model, optimizer).freeze([0, 1])
     live = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in live for p in frozen_params)
     assert not any(p in optimizer.state for p in frozen_params)
@@ -66,9 +67,9 @@ def test_frozen_parameters_leave_the_optimizer_and_their_state_is_freed(cifar_ba
 
 
 def test_frozen_prefix_saves_no_activation_for_backward(cifar_batch):
-    model = CifarResNet.from_name("resnet20")
-    adapter = get_block_adapter(model)
-    FreezingEngine(adapter).freeze(range(4))
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
+    adapter = model.adapter
+    FreezingEngine(model).freeze(range(4))
     frozen_model_cost = measure_step_cost(model, cifar_batch)
 
     hidden = adapter.prefix(cifar_batch["pixel_values"], 4).detach()
@@ -92,8 +93,9 @@ def test_frozen_prefix_saves_no_activation_for_backward(cifar_batch):
 
 
 def test_freezing_an_index_outside_the_model_is_refused():
-    adapter = get_block_adapter(CifarResNet.from_name("resnet20"))
-    engine = FreezingEngine(adapter)
+    model = FreezeCacheModel(CifarResNet.from_name("resnet20"))
+    adapter = model.adapter
+    engine = FreezingEngine(model)
     with pytest.raises(ValueError, match="Block index 9 is outside the model: blocks go from 0 to 8"):
         engine.freeze([2, 9])
     assert engine.frozen == set() and all(p.requires_grad for p in adapter.block_parameters(2))

@@ -32,7 +32,7 @@ from hf_freezecache.cache.sidecars import (
     channel_ssim,
 )
 from hf_freezecache.data import collate_image_batch, load_image_classification
-from hf_freezecache.integrations.discard import FreezeCacheCollator
+from hf_freezecache.discard import FreezeCacheCollator
 from hf_freezecache.models import get_block_adapter, load_cifar_resnet
 
 SAMPLES = 48
@@ -224,21 +224,21 @@ def test_sidecars_survive_save_load_and_another_gamma_is_not_reused(pretrained, 
 
 
 def test_gamma_and_alpha_zero_are_plain_discard(pretrained, data, tmp_path):
-    from hf_freezecache.integrations.cache_request import requested_augmentation, requested_sidecars
-    from hf_freezecache.integrations.discard import DiscardableTrainDataset, DiscardController
+    from hf_freezecache.discard import requested_augmentation, requested_fingerprint, requested_sidecars
 
-    def controller(**options):
-        args = FreezeCacheArguments(discard=True, cache_codec="zfp", **options)
-        dataset = DiscardableTrainDataset(data.train)
-        collator = FreezeCacheCollator(collate_image_batch)
-        return DiscardController(pretrained.model, pretrained, args, dataset, collator, data.train_unaugmented)
+    def options(**flags):
+        return FreezeCacheArguments(discard=True, cache_codec="zfp", **flags).discard_config()
 
-    plain, zero = controller(), controller(channel_aug_gamma=0.0, token_aug_alpha=0.0)
-    assert requested_sidecars(zero.freeze_args, pretrained) == []
+    def fingerprint(config):
+        sidecars = requested_sidecars(config, pretrained)
+        return requested_fingerprint(pretrained, 3, config, "dataset", sidecars, data.train, 0)
+
+    plain, zero = options(), options(channel_aug_gamma=0.0, token_aug_alpha=0.0)
+    assert requested_sidecars(zero, pretrained) == []
     # Same fingerprint, so the same cache is reused; same augmentation, so the same batches.
-    assert zero._fingerprint(3, [], 0) == plain._fingerprint(3, requested_sidecars(plain.freeze_args, pretrained), 0)
+    assert fingerprint(zero) == fingerprint(plain)
     cache, _ = _build(pretrained, 3, data, tmp_path / "plain", codec="zfp")
-    augmentations = [requested_augmentation(c.freeze_args, pretrained, cache.manifest) for c in (zero, plain)]
+    augmentations = [requested_augmentation(c, pretrained, cache.manifest) for c in (zero, plain)]
     assert augmentations[0].config() == augmentations[1].config()
     # A sidecar is added next to the activations and leaves them bit-identical.
     with_sidecar, _ = _build(pretrained, 3, data, tmp_path / "side", [ChannelFlipSidecar(0.25, 16)], codec="zfp")
@@ -262,7 +262,7 @@ def test_the_trainer_trains_with_channel_flip_and_counts_the_sidecar_cost(tmp_pa
     options = dict(discard=True, feature_augmentation="auto", channel_aug_gamma=0.25, channel_aug_calibration_size=32)
     trainer = _trainer(data, tmp_path, **options)
     trainer.train()
-    manifest = trainer.discard_controller.cache.manifest
+    manifest = trainer.discarder.cache.manifest
     channels = manifest.sidecars["channel-flip"]["summary"]["channels"]
     assert len(channels) == 4 and trainer.data_collator.augmentation.flipped_channels == channels
     state = trainer.freeze_callback.report.states[1]

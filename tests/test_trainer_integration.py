@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_freezecache import FreezeCacheArguments, FreezeCacheCallback, compute_accuracy
+from hf_freezecache import FreezeCacheArguments, FreezeCacheCallback, FreezeCacheModel, compute_accuracy
 from hf_freezecache.data import collate_image_batch
 from hf_freezecache.models import CifarResNet
 
@@ -45,6 +45,7 @@ class _SnapshotAtFreeze(TrainerCallback):
 
 
 def _trainer(model, data, args, freeze_args, extra_callbacks=()):
+    model = FreezeCacheModel(model)  # trains the given model object in place
     callback = FreezeCacheCallback(freeze_args, model=model)
     trainer = Trainer(
         model=model,
@@ -118,6 +119,23 @@ def test_resume_from_checkpoint_restores_frozen_blocks_and_matches_uninterrupted
     assert [s["frozen_blocks"] for s in report["states"]] == [[], [0, 1, 2]]
 
 
+def test_a_plain_trainer_with_an_unwrapped_model_is_refused_with_the_fix(tmp_path, cifar_data):
+    model = CifarResNet.from_name("resnet20")
+    with pytest.raises(TypeError, match=r"pass Trainer\(model=FreezeCacheModel\(model\)"):
+        FreezeCacheCallback(FreezeCacheArguments(freeze_policy="freezeout"), model=model)
+    callback = FreezeCacheCallback(FreezeCacheArguments(freeze_policy="freezeout"))
+    trainer = Trainer(
+        model=model,
+        args=_training_args(tmp_path),
+        train_dataset=cifar_data.train,
+        data_collator=collate_image_batch,
+        callbacks=[callback],
+    )
+    with pytest.raises(TypeError, match="trains a FreezeCacheModel, not a CifarResNet"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_recipe_runs_end_to_end_on_the_embedded_data(tmp_path):
     from train_image_classifier import main
 
@@ -136,3 +154,37 @@ def test_recipe_runs_end_to_end_on_the_embedded_data(tmp_path):
     report = json.loads((tmp_path / "cost_report.json").read_text())
     assert report["states"][-1]["frozen_blocks"] == list(range(9))
     assert report["totals"]["minimum_memory_bytes"] < report["states"][0]["cost"]["memory_bytes"]
+
+
+def test_a_model_whose_module_names_miss_part_of_its_forward_is_refused_before_training(tmp_path, cifar_data):
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from hf_freezecache import FreezeCacheTrainer
+    from hf_freezecache.models import BlockSplitError
+
+    def trainer(**head) -> FreezeCacheTrainer:
+        config = ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32, num_labels=10)
+        freeze_args = FreezeCacheArguments(
+            freeze_policy="fixed",
+            freeze_schedule="0:1",
+            block_modules=",".join(f"convnext.encoder.stages.{i}" for i in range(4)),
+            stem_modules="convnext.embeddings",
+            head_modules="convnext.layernorm,classifier",
+            **head,
+        )
+        return FreezeCacheTrainer(
+            model=ConvNextForImageClassification(config),
+            args=_training_args(tmp_path, num_train_epochs=1, max_steps=2),
+            train_dataset=cifar_data.train,
+            data_collator=collate_image_batch,
+            freeze_args=freeze_args,
+        )
+
+    # ConvNext averages over H and W inside its own forward, before `convnext.layernorm`: the names miss it.
+    refused = trainer()
+    with pytest.raises(BlockSplitError, match="head_pooling='avg'"):
+        refused.train()
+    assert refused.state.global_step == 0
+    accepted = trainer(head_pooling="avg")
+    accepted.train()
+    assert accepted.state.global_step == 2 and accepted.freeze_callback.engine.frozen == {0}

@@ -54,18 +54,38 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     )
 
 
+def true_replica(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` that shares nothing with it and runs its modules' class-defined `forward`s.
+
+    Instance attributes named `forward` are dropped from the copy: `copy.deepcopy` copies a closure as it is, and a
+    closure over the live model (accelerate's autocast wrapper of a callable without `__func__`) would run the live
+    model instead of the copy.
+    """
+    replica = copy.deepcopy(model)
+    for module in replica.modules():
+        vars(module).pop("forward", None)
+    live = {t.data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    if any(t.data_ptr() in live for t in [*replica.parameters(), *replica.buffers()] if t.numel()):
+        raise RuntimeError(f"A copy of {type(model).__name__} shares tensors with the model: it cannot be measured.")
+    return replica
+
+
 def measure_step_cost(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer | None = None,
     exclude: Iterable[torch.Tensor] = (),
+    autocast_dtype: torch.dtype | None = None,
 ) -> StepCost:
     """Runs one real forward+backward of `model` on `batch` and measures it, without touching `model`.
 
     FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; the bytes saved for backward are counted with
     saved-tensor hooks (each storage once, parameters and buffers excluded since they are counted as the model).
-    The step runs on a deep copy under a forked RNG, so the model's weights, gradients, BatchNorm statistics and the
-    random stream of training are exactly as they were.
+    The step runs on a true replica under a forked RNG, so the model's weights, gradients, BatchNorm statistics and
+    the random stream of training are exactly as they were: a deep copy whose modules run their classes' own
+    `forward`. An instance-level `forward` (accelerate's mixed-precision wrapper puts one on the model it prepares)
+    may be a closure over the live model, which `copy.deepcopy` keeps as it is, so the replica drops it and applies
+    the same mixed precision itself (`autocast_dtype`).
 
     Args:
         model (`nn.Module`): A model with the `Trainer` calling convention (`model(**batch).loss`), in the freeze
@@ -75,12 +95,14 @@ def measure_step_cost(
         optimizer (`torch.optim.Optimizer`, *optional*): The live optimizer, whose state bytes are read as they are.
         exclude (`Iterable[torch.Tensor]`): Parameters and buffers outside training memory (a discarded prefix),
             left out of the model bytes.
+        autocast_dtype (`torch.dtype`, *optional*): The mixed precision training runs under (`torch.bfloat16` for
+            `--bf16`, `torch.float16` for `--fp16`); None for full precision.
     """
     batch_size = int(next(iter(batch.values())).shape[0])
-    device = next(model.parameters()).device
+    device = next(iter(batch.values())).device  # the prefix of a model may wait offloaded on another device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        replica = copy.deepcopy(model)
+        replica = true_replica(model)
         replica.train()
         model_storages = {
             t.untyped_storage().data_ptr() for t in [*replica.parameters(), *replica.buffers()] if t.numel()
@@ -93,7 +115,8 @@ def measure_step_cost(
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        with FlopCounterMode(display=False) as forward_counter:
+        precision = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        with FlopCounterMode(display=False) as forward_counter, precision:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 loss = replica(**batch).loss
         forward_flops = forward_counter.get_total_flops()

@@ -9,9 +9,9 @@ from .base import FeatureAugmentation
 AUGMENTATIONS: Registry[FeatureAugmentation] = Registry("feature augmentation")
 register_augmentation = AUGMENTATIONS.register
 
-from .feature_maps import FeatureMapAugmentation  # noqa: E402
+from .feature_maps import FeatureMapAugmentation, FeatureMapAugmentationConfig  # noqa: E402
 from .none import NoAugmentation  # noqa: E402
-from .tokens import TokenAugmentation  # noqa: E402
+from .tokens import TokenAugmentation, TokenAugmentationConfig  # noqa: E402
 
 
 def build_feature_augmentation(name: str, **options: object) -> FeatureAugmentation:
@@ -23,8 +23,10 @@ __all__ = [
     "AUGMENTATIONS",
     "FeatureAugmentation",
     "FeatureMapAugmentation",
+    "FeatureMapAugmentationConfig",
     "NoAugmentation",
     "TokenAugmentation",
+    "TokenAugmentationConfig",
     "build_feature_augmentation",
     "register_augmentation",
 ]

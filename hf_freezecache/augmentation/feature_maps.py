@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,44 @@ from ..cache.sidecars import FLIPPED_CHANNELS
 from . import register_augmentation
 from .base import FeatureAugmentation, check_activations, check_range
 
+if TYPE_CHECKING:
+    from ..cache import CacheManifest
+    from ..models import BlockAdapter
 
-@register_augmentation("feature-maps")
+
+@dataclass
+class FeatureMapAugmentationConfig:
+    """Options of the `feature-maps` augmentation (flags `--feature_*`), validated by the augmentation itself."""
+
+    flip_probability: float = field(
+        default=0.5, metadata={"help": "Feature maps: probability of a horizontal flip per sample (0: off)."}
+    )
+    crop_padding: float = field(
+        default=0.125,
+        metadata={"help": "Feature maps: random crop after zero padding of this fraction of the map side (0: off)."},
+    )
+    noise_std: float = field(
+        default=0.0, metadata={"help": "Maps and tokens: std of added Gaussian noise, in activation units (0: off)."}
+    )
+    blur_sigma: float = field(
+        default=0.0, metadata={"help": "Feature maps: sigma of a random Gaussian blur, in map pixels (0: off)."}
+    )
+    blur_probability: float = field(
+        default=0.5, metadata={"help": "Feature maps: probability that a sample is blurred when blur is on."}
+    )
+
+    def __post_init__(self) -> None:
+        FeatureMapAugmentation(**asdict(self))
+
+    def build(self, adapter: BlockAdapter, manifest: CacheManifest) -> FeatureMapAugmentation:
+        """The augmentation of batches read from the cache of `manifest`, with the channels its `channel-flip`
+        sidecar stores."""
+        channel_flip = manifest.sidecars.get("channel-flip")
+        channels = channel_flip["summary"]["channels"] if channel_flip else None
+        return FeatureMapAugmentation(**asdict(self), flipped_channels=channels)
+
+
+@register_augmentation("feature-maps", config=FeatureMapAugmentationConfig)
 class FeatureMapAugmentation(FeatureAugmentation):
     """Image-style augmentation applied to `(B, C, H, W)` feature maps, in the order flip, crop, blur, noise.
 

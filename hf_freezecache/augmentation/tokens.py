@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,8 +12,35 @@ from ..cache.sidecars import REPLACEMENT_POSITIONS, REPLACEMENT_TOKENS
 from . import register_augmentation
 from .base import FeatureAugmentation, check_activations, check_range
 
+if TYPE_CHECKING:
+    from ..cache import CacheManifest
+    from ..models import BlockAdapter
 
-@register_augmentation("tokens")
+
+@dataclass
+class TokenAugmentationConfig:
+    """Options of the `tokens` augmentation (flags `--feature_noise_std`, `--token_*`), validated by the augmentation
+    itself."""
+
+    noise_std: float = field(
+        default=0.0, metadata={"help": "Maps and tokens: std of added Gaussian noise, in activation units (0: off)."}
+    )
+    drop_rate: float = field(
+        default=0.0, metadata={"help": "Tokens: fraction of patch tokens dropped per sample (0: off)."}
+    )
+    replace_probability: float = field(
+        default=0.5, metadata={"help": "Token replacement: probability per sample that the stored tokens replace."}
+    )
+
+    def __post_init__(self) -> None:
+        TokenAugmentation(**asdict(self))
+
+    def build(self, adapter: BlockAdapter, manifest: CacheManifest) -> TokenAugmentation:
+        """The augmentation of batches read from the cache of `manifest`, keeping `adapter`'s special tokens."""
+        return TokenAugmentation(**asdict(self), num_special_tokens=adapter.num_special_tokens)
+
+
+@register_augmentation("tokens", config=TokenAugmentationConfig)
 class TokenAugmentation(FeatureAugmentation):
     """Augmentation of `(B, T, D)` token sequences: special tokens first, then the patch tokens.
 

@@ -3,7 +3,8 @@
 Data flows one way: `builder` runs the frozen prefix over images (and, for `sidecars`, over flipped or augmented
 images) and encodes chunks with a `codecs` codec into `datasets` shards described by a `manifest`; `reader` verifies
 and decodes them; `sampler` orders samples so each chunk is decoded once per epoch; `hub` exports a cache in the Hub
-dataset-repo layout, pushes it and loads it back.
+dataset-repo layout, pushes it and loads it back. The builder, the reader and the Hub export all take the row
+columns from `manifest`, never from one another.
 """
 
 from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds

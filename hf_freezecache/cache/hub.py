@@ -24,8 +24,16 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
-from .manifest import CARD_NAME, LAYOUT_PARQUET, MANIFEST_NAME, SPLIT_NAME, CacheManifest, file_sha256
-from .reader import ActivationCache, cache_features
+from .manifest import (
+    CARD_NAME,
+    LAYOUT_PARQUET,
+    MANIFEST_NAME,
+    SPLIT_NAME,
+    CacheManifest,
+    cache_features,
+    file_sha256,
+)
+from .reader import ActivationCache
 
 logger = logging.getLogger(__name__)
 

@@ -18,23 +18,17 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from .builder import CACHE_FEATURES
 from .codecs import ActivationCodec, build_codec
 from .manifest import (
     LAYOUT_ARROW,
     CacheManifest,
     CacheMismatchError,
     CorruptCacheError,
+    cache_features,
     describe_mismatch,
     verify_shards,
 )
 from .sidecars import SIDECAR_COLUMN_PREFIX
-
-
-def cache_features(manifest: CacheManifest) -> datasets.Features:
-    """The columns of a cache's rows: `data`, `labels`, `indices`, and `sidecar.<name>` per sidecar array."""
-    sidecars = {SIDECAR_COLUMN_PREFIX + name: datasets.Value("binary") for name in manifest.sidecar_arrays}
-    return datasets.Features({**CACHE_FEATURES, **sidecars})
 
 
 class ActivationCache:

@@ -1,7 +1,6 @@
-"""The freezing engine, per-block learning-rate scaling, and discarding a frozen prefix."""
+"""What freezing does to parameters and the optimizer, and per-block learning-rate scaling."""
 
-from .discard import ACTIVATIONS_KEY, DiscardedPrefix
 from .engine import FreezingEngine, unwrap_optimizer
 from .update_scaling import BlockUpdateScaler
 
-__all__ = ["ACTIVATIONS_KEY", "BlockUpdateScaler", "DiscardedPrefix", "FreezingEngine", "unwrap_optimizer"]
+__all__ = ["BlockUpdateScaler", "FreezingEngine", "unwrap_optimizer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +14,9 @@ from transformers import Trainer, TrainingArguments
 
 from ..cache import ActivationCache, CachedActivationDataset, ChunkShuffleSampler
 from ..config import FreezeCacheArguments
-from .discard import DiscardableTrainDataset, DiscardController, FreezeCacheCollator
+from ..discard import DiscardableTrainDataset, FreezeCacheCollator, PrefixDiscarder
+from ..model import FreezeCacheModel
+from ..models import get_block_adapter
 from .trainer_callback import FreezeCacheCallback
 
 logger = logging.getLogger(__name__)
@@ -22,20 +25,21 @@ logger = logging.getLogger(__name__)
 class FreezeCacheTrainer(Trainer):
     """`transformers.Trainer` with `FreezeCacheCallback` built in and, with `--discard true`, frozen-prefix discarding.
 
-    A callback cannot replace the Trainer's dataloader or the model's forward (transformers #25924), so discarding
-    needs this small subclass. What it changes, and nothing else:
+    The model is wrapped in a `FreezeCacheModel` (`trainer.model`; your model object is the one it trains, and
+    `trainer.model.unwrap()` gives it back). A callback cannot replace the Trainer's dataloader (transformers
+    #25924), so discarding needs this small subclass. What it changes, and nothing else:
 
     - the training dataset is wrapped in a `DiscardableTrainDataset` whose source switches from images to the
-      activation cache at an epoch boundary; it keeps the number of samples, so steps, schedules, the optimizer and
-      resumption continue exactly as without discarding;
+      activation cache at an epoch boundary (`PrefixDiscarder`); it keeps the number of samples, so steps,
+      schedules, the optimizer and resumption continue exactly as without discarding;
     - the training sampler is a `ChunkShuffleSampler` (a plain seeded permutation while reading images, chunk-aware
       shuffling while reading a cache), seeded by `data_seed` or `seed` and the epoch;
     - the collator handles cached-activation batches and applies the feature augmentation;
-    - the model's forward accepts `prefix_activations` (see `DiscardedPrefix`), and `evaluate`/`predict` bring a
-      discarded prefix back so evaluation measures the whole model on raw images.
+    - `evaluate`/`predict` bring a discarded prefix back, so evaluation measures the whole model on raw images;
+    - `save_model` and checkpoints write the base model (`save_pretrained` for a transformers model, else its
+      state dict as `model.safetensors`), which loads without hf_freezecache.
 
-    The final model (`save_model`) is the whole model. Without `--discard` it behaves as `Trainer` plus the callback,
-    with the seeded sampler.
+    Without `--discard` it behaves as `Trainer` plus the callback, with the seeded sampler.
 
     With `activation_cache` (e.g. from `load_cache`), only the suffix trains, from that cache, from the first step:
     no training images and no prefix weights are needed, and evaluation datasets may be caches of the evaluation
@@ -48,7 +52,7 @@ class FreezeCacheTrainer(Trainer):
     step, and gradients of frozen parameters still travel in DDP's buckets (as zeros).
 
     Args:
-        model (`nn.Module`): The model (a `model_init` is not supported).
+        model (`nn.Module`): The model (a `model_init` is not supported), or a `FreezeCacheModel` of it.
         args (`TrainingArguments`): As for `Trainer`.
         data_collator (`Callable`, *optional*): Collator of image batches.
         train_dataset (`Dataset`): Training images (with their random augmentation).
@@ -81,8 +85,10 @@ class FreezeCacheTrainer(Trainer):
         if isinstance(freeze_args, dict):
             freeze_args = FreezeCacheArguments(**freeze_args)
         self.freeze_args = freeze_args or FreezeCacheArguments()
+        if not isinstance(model, FreezeCacheModel):
+            model = FreezeCacheModel(model, get_block_adapter(model, **self.freeze_args.adapter_modules()))
         self.freeze_callback = FreezeCacheCallback(self.freeze_args, model=model)
-        self.discard_controller: DiscardController | None = None
+        self.discarder: PrefixDiscarder | None = None
         freezes = self.freeze_args.freeze_policy != "none" or activation_cache is not None
         if args is not None and args.world_size > 1 and freezes:
             if args.ddp_find_unused_parameters is False:
@@ -97,8 +103,8 @@ class FreezeCacheTrainer(Trainer):
             if args is None:
                 raise ValueError("Training from `activation_cache` needs `args`.")
             args.remove_unused_columns = False
-            cached = CachedActivationDataset(activation_cache, decode_threads=self.freeze_args.cache_decode_threads)
-            train_dataset = DiscardableTrainDataset(None, cached=cached)
+            threads = self.freeze_args.cache_decode_threads
+            train_dataset = DiscardableTrainDataset(None, cached=CachedActivationDataset(activation_cache, threads))
         elif self.freeze_args.discard:
             if args is None or train_dataset is None:
                 raise ValueError("--discard true needs `args` and `train_dataset`.")
@@ -119,16 +125,16 @@ class FreezeCacheTrainer(Trainer):
             train_dataset = DiscardableTrainDataset(train_dataset)
         if isinstance(train_dataset, DiscardableTrainDataset):
             data_collator = FreezeCacheCollator(data_collator)
-            self.discard_controller = DiscardController(
+            self.discarder = PrefixDiscarder(
                 model,
-                self.freeze_callback.engine.adapter,
-                self.freeze_args,
+                self.freeze_args.discard_config(),
                 train_dataset,
                 data_collator,
                 cache_dataset,
+                cache_root=os.path.join(args.output_dir, "activation_cache"),
                 pinned_cache=activation_cache,
             )
-            self.freeze_callback.discard_controller = self.discard_controller
+            self.freeze_callback.discarder = self.discarder
         super().__init__(
             model=model,
             args=args,
@@ -144,8 +150,15 @@ class FreezeCacheTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ChunkShuffleSampler(dataset, self.args.per_device_train_batch_size, seed=seed)
 
-    def _whole_model(self) -> contextlib.AbstractContextManager:
-        return self.discard_controller.prefix.restored() if self.discard_controller else contextlib.nullcontext()
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Trainer saves `self.model` with `save_pretrained` when it is a transformers model and as a bare state dict
+        # otherwise: show it the base model, so a transformers model keeps its config and loads with from_pretrained.
+        wrapper = self.model
+        self.model = wrapper.unwrap()
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.model = wrapper
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -154,7 +167,7 @@ class FreezeCacheTrainer(Trainer):
         if collator is not None:
             collator.augment = False
         try:
-            with self._whole_model():
+            with self.model.restored():
                 yield
         finally:
             if collator is not None:

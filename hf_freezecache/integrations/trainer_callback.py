@@ -1,33 +1,45 @@
-"""`FreezeCacheCallback`: progressive freezing and cost accounting inside a plain `transformers.Trainer`."""
+"""`FreezeCacheCallback`: progressive freezing and cost accounting inside `transformers.Trainer`.
+
+It only maps Trainer events onto the pieces that do the work (`PolicyRunner`, `CostTracker`, `PrefixDiscarder`,
+`_checkpoint`, `_log_values`); it is a little over 300 lines because its docstring is the reference of what it logs.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
-from torch import nn
+from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..accounting import CostReport, FreezeStateRecord, measure_step_cost, save_report_plots
+from ..accounting import CostReport, CostTracker, save_report_plots
 from ..config import FreezeCacheArguments
 from ..data.batches import probe_batch
-from ..freezing import ACTIVATIONS_KEY, BlockUpdateScaler, FreezingEngine
-from ..models import get_block_adapter
+from ..discard import CacheBuildSettings, PrefixDiscarder
+from ..freezing import BlockUpdateScaler, FreezingEngine
+from ..model import ACTIVATIONS_KEY, FreezeCacheModel
+from ..models import check_block_split
 from ..policies import BlockProbe, TrainingProgress, build_policy
-from .discard import DiscardController
+from ..policies.runner import PolicyRunner
+from ._checkpoint import resume_state, saved_resume_state
+from ._log_values import freeze_log_values
 
 logger = logging.getLogger(__name__)
+
+#: Probe images `check_block_split` runs before training: enough to see a wrong split, few enough to cost nothing.
+_SPLIT_CHECK_SAMPLES = 4
 
 
 class FreezeCacheCallback(TrainerCallback, ExportableState):
     """Applies a freezing policy during `Trainer.train()` and measures what each freeze state costs.
 
-    Every optimizer step the policy may freeze blocks (see `FreezingEngine` for what freezing does); FreezeOut-style
-    per-block learning rates are applied around `optimizer.step()`. At the end, `cost_report.json` and
-    `cost_report.md` are written to `args.output_dir`, with the plots of `accounting.save_report_plots`
+    The Trainer's model must be a `FreezeCacheModel` (`FreezeCacheTrainer` wraps it for you; with a plain `Trainer`,
+    pass `Trainer(model=FreezeCacheModel(model), ...)`). Every optimizer step the policy may freeze blocks (see
+    `FreezingEngine` for what freezing does; under several processes, all take the main process's decision);
+    FreezeOut-style per-block learning rates are applied around `optimizer.step()`. At the end, `cost_report.json`
+    and `cost_report.md` are written to `args.output_dir`, with the plots of `accounting.save_report_plots`
     (`freeze_timeline.png`, `state_costs.png`, `compression.png`). The callback's state (frozen blocks, policy state,
     report so far) is saved in every Trainer checkpoint, and `trainer.train(resume_from_checkpoint=...)` resumes with
     the same blocks frozen.
@@ -50,156 +62,171 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
 
     Args:
         freeze_args (`FreezeCacheArguments` or `dict`, *optional*): Options; defaults to `FreezeCacheArguments()`.
-        model (`nn.Module`, *optional*): The model the Trainer will train. Giving it here checks the options against
-            the model (block positions, supported family) before any training work; otherwise this happens when
-            training begins.
+        model (`FreezeCacheModel`, *optional*): The model the Trainer will train. Giving it here checks the options
+            against the model (block positions) before any training work; otherwise this happens when training
+            begins.
 
     Example:
 
     ```python
+    model = FreezeCacheModel(model)
     callback = FreezeCacheCallback(FreezeCacheArguments(freeze_policy="freezeout"), model=model)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[callback])
     trainer.train()
     ```
     """
 
-    def __init__(self, freeze_args: FreezeCacheArguments | dict | None = None, model: nn.Module | None = None):
+    def __init__(
+        self, freeze_args: FreezeCacheArguments | dict | None = None, model: FreezeCacheModel | None = None
+    ) -> None:
         if isinstance(freeze_args, dict):
             freeze_args = FreezeCacheArguments(**freeze_args)
         self.freeze_args = freeze_args or FreezeCacheArguments()
-        self.policy = build_policy(self.freeze_args)
+        self.policy = build_policy(self.freeze_args.policy_config())
+        self.model: FreezeCacheModel | None = None
         self.engine: FreezingEngine | None = None
         self.scaler: BlockUpdateScaler | None = None
-        self.report: CostReport | None = None
-        self._model: nn.Module | None = None
-        # A training batch of images (for estimates and cost), and the batch the current state is measured on
-        # (the same images, or their activations once the prefix is discarded).
+        self.runner: PolicyRunner | None = None
+        self.tracker: CostTracker | None = None
+        # Set by `FreezeCacheTrainer` when it discards: it owns the dataset and collator that a discard switches.
+        self.discarder: PrefixDiscarder | None = None
+        # Training images: for the cost of the states that read images, and for estimates.
         self._probe: dict[str, torch.Tensor] | None = None
-        self._cost_batch: dict[str, torch.Tensor] | None = None
-        self._cost_pending = False
-        self._clock = 0.0
-        self._decode_seconds_at_open = 0.0
-        self._dataloader_workers = 0
-        self._policy_seconds = 0.0  # policy time not yet charged to a freeze state
-        # Set by `FreezeCacheTrainer` when --discard is on: it owns the dataset and collator that a discard switches.
-        self.discard_controller: DiscardController | None = None
+        self._build: CacheBuildSettings | None = None
+        self._offload_to: str | None = None
+        self._cache_info: dict[str, Any] | None = None
         if model is not None:
             self._bind(model)
+
+    @property
+    def report(self) -> CostReport | None:
+        return self.tracker.report if self.tracker is not None else None
 
     # -- Trainer events ------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model, optimizer, dataloader = kwargs["model"], kwargs.get("optimizer"), kwargs.get("train_dataloader")
-        if self.freeze_args.discard and self.discard_controller is None:
+        if self.freeze_args.discard and self.discarder is None:
             raise ValueError(
                 "--discard true needs hf_freezecache.FreezeCacheTrainer: a callback cannot replace the Trainer's "
                 "dataloader or sampler. Use FreezeCacheTrainer(..., freeze_args=...) instead of Trainer + callback."
             )
         self._bind(model)
-        self._dataloader_workers = args.dataloader_num_workers
+        processes = PartialState() if args.world_size > 1 else None
+        self.runner = PolicyRunner(self.policy, self.engine, processes)
         if optimizer is not None:
             self.engine.attach_optimizer(optimizer)
-        if self.freeze_args.cost_report and dataloader is not None:
+        self._build = CacheBuildSettings(
+            device=args.device,
+            batch_size=self.freeze_args.cache_batch_size or args.per_device_eval_batch_size,
+            num_workers=args.dataloader_num_workers,
+            seed=args.seed,
+            progress=not args.disable_tqdm,
+            processes=processes,
+        )
+        # DDP broadcasts every buffer before each forward and `nn.DataParallel` replicates every tensor: a discarded
+        # prefix can only leave the device of a single-device run.
+        self._offload_to = "cpu" if args.world_size == 1 and args.n_gpu <= 1 else None
+        if dataloader is not None:
             self._probe = probe_batch(dataloader, args.per_device_train_batch_size, args.device)
-            self._cost_batch = self._probe
+        self._check_split()
         if self.policy.needs_probe:
             self._give_policy_probe(dataloader, args)
-        saved = self._saved_state(state)
+        # What accelerate runs training under: bf16 autocast, or fp16 autocast on accelerators (it has none for the
+        # CPU, where an fp16 run is a float32 run).
+        autocast_dtype = torch.bfloat16 if args.bf16 else None
+        if args.fp16 and args.device.type != "cpu":
+            autocast_dtype = torch.float16
+        saved = saved_resume_state(self, state)
         if saved is not None:
-            self._restore(saved, args)
+            self.tracker = CostTracker(
+                CostReport.from_dict(saved["report"]),
+                self.freeze_args.cost_report,
+                autocast_dtype,
+                args.dataloader_num_workers > 0,
+            )
+            self._restore(saved)
         else:
-            if self.discard_controller is not None:
-                self.discard_controller.check_destination(args, self._probe)
-            self.report = CostReport(
-                model=f"{type(model).__name__} ({self.engine.adapter.family})",
+            report = CostReport(
+                model=f"{type(self.model.base_model).__name__} ({self.model.adapter.family})",
                 policy=self.policy.describe(),
-                num_blocks=self.engine.adapter.num_blocks,
+                num_blocks=self.model.num_blocks,
                 train_samples=_dataset_size(dataloader, state, args),
                 device=str(args.device),
             )
-            cache = self._start_from_pinned_cache(args, state)
-            decided = self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset(self.engine.frozen))
-            self._freeze(decided, state)
-            self._open_state(state, kwargs.get("optimizer"), cache=cache)
+            self.tracker = CostTracker(
+                report, self.freeze_args.cost_report, autocast_dtype, args.dataloader_num_workers > 0
+            )
+            self.tracker.cost_batch = self._probe if self.freeze_args.cost_report else None
+            if self.discarder is not None:
+                self.discarder.check_destination(self._probe_images())
+            cache = self._start_from_pinned_cache(state)
+            report.freeze_events += self.runner.decide(TrainingProgress.from_trainer_state(state))
+            self.tracker.open(self.model, state.global_step, float(state.epoch or 0.0), optimizer, cache, self._reader)
         # The policy's setup (probe, reference) ran before the clock: charge it to the state it began in.
-        record = self.report.states[-1]
-        record.wall_time_s += self._policy_seconds
-        record.policy_seconds += self._policy_seconds
-        self._policy_seconds = 0.0
-        self._clock = time.perf_counter()
+        self.tracker.add_policy_time(self.runner.take_seconds(), outside_steps=True)
+        self.tracker.restart_clock()
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # The Trainer creates the epoch's data iterator after this event: the last point to switch its source.
-        if self.discard_controller is None:
+        if self.discarder is None:
             return
-        position = self.discard_controller.target_position(self.engine.frozen_prefix)
+        position = self.discarder.target_position(self.engine.frozen_prefix)
         if position is None:
             return
-        self._close_state()
-        if self.report.states and self.report.states[-1].end_step == self.report.states[-1].start_step:
-            self.report.states.pop()  # a freeze state that saw no step before its discard
-        self._cost_batch = self._cache_probe(position)
-        info = self.discard_controller.discard(position, args, self._probe)
-        self._open_state(state, kwargs.get("optimizer"), cache=info)
-        self._clock = time.perf_counter()  # the build is accounted as the cache's, not as training steps
+        self.tracker.close(self._reader)
+        self.tracker.drop_if_empty()
+        self._discard(position)
+        epoch = float(state.epoch or 0.0)
+        self.tracker.open(
+            self.model, state.global_step, epoch, kwargs.get("optimizer"), self._cache_info, self._reader
+        )
+        self.tracker.restart_clock()  # the build is accounted as the cache's, not as training steps
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        progress = self._progress(state)
-        self._timed(self.policy.observe_gradients, progress)
-        self.scaler.before_step(self._timed(self.policy.lr_scales, progress, frozenset(self.engine.frozen)))
+        scales = self.runner.before_optimizer_step(TrainingProgress.from_trainer_state(state))
+        self.scaler.before_step(scales)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.scaler.after_step()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        record = self.report.states[-1]
-        record.wall_time_s += time.perf_counter() - self._clock
-        record.end_step, record.end_epoch = state.global_step, float(state.epoch or 0.0)
-        if self._cost_pending:
-            self._measure(record, kwargs.get("optimizer"))
-        before = self._policy_seconds
-        decided = self._timed(self.policy.blocks_to_freeze, self._progress(state), frozenset(self.engine.frozen))
-        record.wall_time_s += self._policy_seconds - before  # deciding is training time (after the step's clock)
-        record.policy_seconds += self._policy_seconds  # also what `observe_gradients` took inside the step
-        self._policy_seconds = 0.0
-        new = self._freeze(decided, state)
-        if new:
-            self._close_state()
+        optimizer = kwargs.get("optimizer")
+        self.tracker.step_end(self.model, state.global_step, float(state.epoch or 0.0), optimizer)
+        self.tracker.add_policy_time(self.runner.take_seconds(), outside_steps=False)  # within the step's clock
+        events = self.runner.decide(TrainingProgress.from_trainer_state(state))
+        self.tracker.add_policy_time(self.runner.take_seconds(), outside_steps=True)
+        if events:
+            self.report.freeze_events += events
+            self.tracker.close(self._reader)
             logger.info(
                 "Step %d (epoch %.2f): froze blocks %s; frozen prefix is now %d of %d blocks.",
                 state.global_step,
                 state.epoch or 0.0,
-                new,
+                [event["block"] for event in events],
                 self.engine.frozen_prefix,
-                self.engine.adapter.num_blocks,
+                self.model.num_blocks,
             )
-            self._open_state(state, kwargs.get("optimizer"))
-        self._clock = time.perf_counter()
+            self.tracker.open(self.model, state.global_step, float(state.epoch or 0.0), optimizer, reader=self._reader)
+        self.tracker.restart_clock()
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._clock = time.perf_counter()  # evaluation time is not training time
+        self.tracker.restart_clock()  # evaluation time is not training time
 
     def on_save(self, args, state, control, **kwargs):
-        self._clock = time.perf_counter()
+        self.tracker.restart_clock()
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
-        if logs is None or self.engine is None:
+        if logs is None or self.tracker is None:
             return
-        extra = {
-            "frozen_blocks": len(self.engine.frozen),
-            "frozen_prefix": self.engine.frozen_prefix,
-            "trainable_parameters": self.engine.trainable_parameters(),
-        }
-        if self.report.total_training_flops is not None:
-            extra["training_flops"] = self.report.total_training_flops
-        extra.update(self._savings_and_cache_values(state))
-        extra.update(self.policy.log_values())
+        decode_seconds = self.tracker.decode_seconds(self._reader)
+        extra = freeze_log_values(self.engine, self.policy, self.report, self.discarder, state, decode_seconds)
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._close_state()
+        self.tracker.close(self._reader)
         if self.freeze_args.cost_report and state.is_world_process_zero:
             self.report.save(args.output_dir)
             logger.info("Cost report written to %s/cost_report.{json,md}", args.output_dir)
@@ -210,196 +237,90 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
     # -- checkpointing (transformers' ExportableState) -----------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        resume = None
-        if self.engine is not None:
-            resume = {
-                "frozen": sorted(self.engine.frozen),
-                "policy": self.policy.state_dict(),
-                "evidence": {str(k): v for k, v in self.policy.evidence.items()},
-                "report": self.report.to_dict() if self.report else None,
-                "cost_pending": self._cost_pending,
-                "discarded_prefix": self.discard_controller.position if self.discard_controller else 0,
-            }
+        resume = resume_state(self.model, self.policy, self.tracker) if self.tracker is not None else None
         return {"args": {"freeze_args": self.freeze_args.to_dict()}, "attributes": {"resume_state": resume}}
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.engine.freeze(saved["frozen"])
+        self.policy.load_state_dict(saved["policy"])
+        self.policy.evidence = {int(k): v for k, v in saved.get("evidence", {}).items()}
+        self.tracker.pending = saved["cost_pending"]
+        self.tracker.cost_batch = self._probe if self.freeze_args.cost_report else None
+        position = saved.get("discarded_prefix", 0)
+        if position:
+            if self.discarder is None:
+                raise ValueError(
+                    f"The checkpoint was taken after discarding blocks 0-{position - 1}; resume it with "
+                    "FreezeCacheTrainer and --discard true."
+                )
+            self._discard(position)  # reuses the cache, or rebuilds it
+        logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _bind(self, model: nn.Module) -> None:
-        if self._model is model:
+    def _bind(self, model: FreezeCacheModel) -> None:
+        if self.model is model:
             return
-        adapter = get_block_adapter(model, **self.freeze_args.adapter_modules())
-        self.policy.setup(adapter)
-        self._model = model
-        self.engine = FreezingEngine(adapter)
-        self.scaler = BlockUpdateScaler(adapter)
-
-    def _savings_and_cache_values(self, state: TrainerState) -> dict[str, float | int]:
-        """Log entries on what freezing saved so far, freeze events since the previous log, and the cache read."""
-        values: dict[str, float | int] = {
-            "discarded_prefix": self.discard_controller.position if self.discard_controller else 0
-        }
-        saved = self.report.training_flops_saved_fraction
-        if saved is not None:
-            values["training_flops_saved_fraction"] = float(saved)
-        # The Trainer appends the entry being logged before calling on_log: the one before it is the previous log.
-        previous_step = state.log_history[-2]["step"] if len(state.log_history) > 1 else -1
-        events = self.report.freeze_events
-        values["newly_frozen_blocks"] = sum(previous_step < e["step"] <= state.global_step for e in events)
-        if events:
-            values["last_frozen_block"] = int(events[-1]["block"])
-        controller = self.discard_controller
-        if controller is not None and controller.cache is not None and controller.position:
-            manifest = controller.cache.manifest
-            values["cache_compression_ratio"] = float(manifest.compression_ratio)
-            values["cache_stored_mb"] = manifest.stored_bytes / 2**20
-            values["cache_build_seconds"] = float(self.report.cache_build_seconds)
-            if not self._dataloader_workers:  # workers decode in their own processes, out of this counter's sight
-                unrecorded = controller.cache.decode_seconds - self._decode_seconds_at_open
-                recorded = sum(s.decode_seconds or 0.0 for s in self.report.states)
-                values["cache_decode_seconds"] = float(recorded + unrecorded)
-        return values
-
-    def _timed(self, call, *args):
-        start = time.perf_counter()
-        try:
-            return call(*args)
-        finally:
-            self._policy_seconds += time.perf_counter() - start
-
-    def _freeze(self, blocks: set[int], state: TrainerState) -> list[int]:
-        """Freezes `blocks` and writes the newly frozen ones, with what the policy decided from, into the timeline."""
-        new = self.engine.freeze(blocks)
-        names = self.engine.adapter.block_names() if new else []
-        for index in new:
-            self.report.freeze_events.append(
-                {
-                    "block": index,
-                    "name": names[index],
-                    "step": state.global_step,
-                    "epoch": float(state.epoch or 0.0),
-                    "evidence": dict(self.policy.evidence.get(index, {})),
-                }
+        if not isinstance(model, FreezeCacheModel):
+            raise TypeError(
+                f"FreezeCacheCallback trains a FreezeCacheModel, not a {type(model).__name__}: pass "
+                "Trainer(model=FreezeCacheModel(model), ...), or use FreezeCacheTrainer, which wraps it for you."
             )
-        return new
+        self.policy.setup(model.adapter)
+        self.model = model
+        self.engine = FreezingEngine(model)
+        self.scaler = BlockUpdateScaler(model.adapter)
 
-    def _start_from_pinned_cache(self, args: TrainingArguments, state: TrainerState) -> dict[str, Any] | None:
+    @property
+    def _reader(self):
+        return self.discarder.cache if self.discarder is not None and self.model.discarded_position else None
+
+    def _probe_images(self, count: int | None = None) -> torch.Tensor | None:
+        if self._probe is None or "pixel_values" not in self._probe:
+            return None
+        return self._probe["pixel_values"][:count]
+
+    def _check_split(self) -> None:
+        """Refuses, before any training work, a model whose block split does not reproduce its forward."""
+        images = self._probe_images(_SPLIT_CHECK_SAMPLES)
+        if images is None or self.freeze_args.freeze_policy == "none" and self.discarder is None:
+            return
+        with self.model.restored():
+            check_block_split(self.model.adapter, images)
+
+    def _discard(self, position: int) -> None:
+        """Discards at `position` (reusing or building its cache); the states from now on are measured on the probe
+        images' activations at `position`."""
+        images = self._probe_images()
+        if images is not None and self.freeze_args.cost_report:
+            with torch.no_grad(), self.model.restored():
+                activations = self.model.adapter.prefix(images, position)
+            self.tracker.cost_batch = {ACTIVATIONS_KEY: activations, "labels": self._probe["labels"]}
+        self._cache_info = self.discarder.discard(position, self._build, images, self._offload_to)
+
+    def _start_from_pinned_cache(self, state: TrainerState) -> dict[str, Any] | None:
         """Training from a given cache: its prefix is frozen and discarded before the first step; returns the
         cache's summary for the first freeze state (None without a given cache)."""
-        controller = self.discard_controller
-        if controller is None or controller.pinned_cache is None:
+        if self.discarder is None or self.discarder.pinned_cache is None:
             return None
-        position = controller.pinned_cache.manifest.position
-        self._freeze(set(range(position)), state)
-        return controller.discard(position, args, self._probe)
+        position = self.discarder.pinned_cache.manifest.position
+        progress = TrainingProgress.from_trainer_state(state)
+        self.report.freeze_events += self.runner.freeze(range(position), progress)
+        self._discard(position)
+        return self._cache_info
 
     def _give_policy_probe(self, dataloader, args: TrainingArguments) -> None:
-        """Hands the policy its fixed probe batch: the first `--policy_probe_size` training images."""
+        """Hands the policy its fixed probe batch: the first `probe_size` training images."""
         if dataloader is None:
             raise ValueError(f"--freeze_policy {self.policy.name} needs the training dataloader for its probe batch.")
-        size = self.freeze_args.policy_probe_size
-        batch = probe_batch(dataloader, size, args.device)
+        batch = probe_batch(dataloader, self.policy.config.probe_size, args.device)
         if "pixel_values" not in batch:
             raise ValueError(
                 f"--freeze_policy {self.policy.name} evaluates blocks on training images, and training from a given "
                 "activation cache has none: use the policy 'none', 'freezeout' or 'fixed'."
             )
-        pixel_values = batch["pixel_values"]
-        restore = self.discard_controller.prefix.restored if self.discard_controller is not None else None
-        self._timed(self.policy.set_probe, BlockProbe(self.engine.adapter, pixel_values, restore=restore))
-
-    def _saved_state(self, state: TrainerState) -> dict[str, Any] | None:
-        restored = getattr(self, "resume_state", None)  # set by Trainer when restore_callback_states is on
-        if restored is None and state.global_step > 0:
-            entry = (state.stateful_callbacks or {}).get(type(self).__name__)
-            entry = entry[0] if isinstance(entry, list) else entry
-            restored = (entry or {}).get("attributes", {}).get("resume_state")
-            if restored is None:
-                raise ValueError(
-                    f"Resuming at step {state.global_step} but the checkpoint holds no {type(self).__name__} state: "
-                    "it was not written by a run using this callback, so the frozen blocks cannot be restored."
-                )
-        return restored
-
-    def _restore(self, saved: dict[str, Any], args: TrainingArguments) -> None:
-        self.engine.freeze(saved["frozen"])
-        self.policy.load_state_dict(saved["policy"])
-        self.policy.evidence = {int(k): v for k, v in saved.get("evidence", {}).items()}
-        self.report = CostReport.from_dict(saved["report"])
-        self._cost_pending = saved["cost_pending"]
-        position = saved.get("discarded_prefix", 0)
-        if position:
-            if self.discard_controller is None:
-                raise ValueError(
-                    f"The checkpoint was taken after discarding blocks 0-{position - 1}; resume it with "
-                    "FreezeCacheTrainer and --discard true."
-                )
-            if self.discard_controller.pinned_cache is None:
-                self._cost_batch = self._cache_probe(position)
-            self.discard_controller.discard(position, args, self._probe)  # reuses the cache, or rebuilds it
-        logger.info("Resumed with blocks %s frozen and %d discarded.", saved["frozen"], position)
-
-    def _progress(self, state: TrainerState) -> TrainingProgress:
-        return TrainingProgress.from_trainer_state(state)
-
-    def _open_state(
-        self, state: TrainerState, optimizer: torch.optim.Optimizer | None, cache: dict[str, Any] | None = None
-    ) -> None:
-        epoch = float(state.epoch or 0.0)
-        discarded = self.discard_controller.position if self.discard_controller else 0
-        record = FreezeStateRecord(
-            frozen_blocks=sorted(self.engine.frozen),
-            frozen_prefix=self.engine.frozen_prefix,
-            trainable_parameters=self.engine.trainable_parameters(),
-            start_step=state.global_step,
-            start_epoch=epoch,
-            end_step=state.global_step,
-            end_epoch=epoch,
-            discarded_prefix=discarded,
-            cache=cache,
-        )
-        if cache is not None and not cache["reused"]:
-            record.one_off_flops = (
-                cache["prefix_forward_flops_per_sample"] * cache["num_samples"] * cache["build_prefix_passes"]
-            )
-        if self.discard_controller is not None and self.discard_controller.cache is not None:
-            self._decode_seconds_at_open = self.discard_controller.cache.decode_seconds
-        self.report.states.append(record)
-        # Optimizer state only exists after the first optimizer step: a state opened before it is measured then.
-        self._cost_pending = self.freeze_args.cost_report and self._cost_batch is not None
-        if self._cost_pending and state.global_step > 0:
-            self._measure(record, optimizer)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def _measure(self, record: FreezeStateRecord, optimizer: torch.optim.Optimizer | None) -> None:
-        discarded = self.discard_controller.prefix.prefix_tensors() if self.discard_controller else []
-        record.cost = measure_step_cost(self._model, self._cost_batch, optimizer, exclude=discarded).to_dict()
-        self._cost_pending = False
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # the measurement's own replica is not training memory
-
-    def _close_state(self) -> None:
-        if not (self.report and self.report.states):
-            return
-        record = self.report.states[-1]
-        if torch.cuda.is_available():
-            record.peak_cuda_bytes = int(torch.cuda.max_memory_allocated())
-        controller = self.discard_controller
-        if controller is not None and controller.cache is not None and record.discarded_prefix:
-            # DataLoader workers decode in their own processes, out of this counter's sight.
-            workers = self._dataloader_workers
-            spent = controller.cache.decode_seconds - self._decode_seconds_at_open
-            record.decode_seconds = None if workers else (record.decode_seconds or 0.0) + spent
-            self._decode_seconds_at_open = controller.cache.decode_seconds
-
-    def _cache_probe(self, position: int) -> dict[str, torch.Tensor] | None:
-        """The probe batch as the model sees it after discarding at `position` (computed while the prefix is
-        still on the training device)."""
-        if self._probe is None:
-            return None
-        with torch.no_grad(), self.discard_controller.prefix.restored():
-            activations = self.engine.adapter.prefix(self._probe["pixel_values"], position)
-        return {ACTIVATIONS_KEY: activations, "labels": self._probe["labels"]}
+        probe = BlockProbe(self.model.adapter, batch["pixel_values"], restore=self.model.restored)
+        self.runner.timed(self.policy.set_probe, probe)
 
 
 def _dataset_size(dataloader, state: TrainerState, args: TrainingArguments) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from .._registry import Registry
@@ -14,7 +17,8 @@ register_adapter = ADAPTERS.register
 from . import cifar_resnet, hf_resnet, hf_vit, timm_resnet, timm_vit, generic  # noqa: E402, F401, I001
 from .cifar_resnet import CifarResNet, load_cifar_resnet  # noqa: E402
 from .factory import build_model, model_source  # noqa: E402
-from .generic import GenericBlockAdapter  # noqa: E402
+from .generic import HEAD_POOLINGS, GenericBlockAdapter  # noqa: E402
+from .verification import BlockSplitError, check_block_split  # noqa: E402
 from .wrapper import ImageClassifierWrapper  # noqa: E402
 
 
@@ -23,6 +27,8 @@ def get_block_adapter(
     block_modules: list[str] | None = None,
     stem_modules: list[str] | None = None,
     head_modules: list[str] | None = None,
+    head_pooling: str = "none",
+    head: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> BlockAdapter:
     """Returns the block adapter for `model`.
 
@@ -32,12 +38,20 @@ def get_block_adapter(
             adapter (see `GenericBlockAdapter` for what it needs of the model).
         stem_modules, head_modules (`list[str]`, *optional*): For the generic adapter: modules run before the first
             and after the last block. Without them the generic adapter can compute prefixes but not suffixes.
+        head_pooling (`str`, *optional*, defaults to `"none"`), head (`Callable`, *optional*): For the generic adapter:
+            pooling of the last block's output before the head (`"avg"`, `"cls"`, `"mean"`), and a function
+            `head(model, hidden) -> logits` in place of `head_modules`.
 
     Raises:
         `ValueError`: when no registered family matches, naming the supported families and how to add one.
     """
     if block_modules:
-        return GenericBlockAdapter(model, block_modules, stem_modules, head_modules)
+        return GenericBlockAdapter(model, block_modules, stem_modules, head_modules, head_pooling, head)
+    if stem_modules or head_modules or head_pooling != "none" or head is not None:
+        raise ValueError(
+            "stem_modules, head_modules, head_pooling and head describe a generic model and need block_modules, got "
+            f"block_modules={block_modules!r}."
+        )
     inner = model.model if isinstance(model, ImageClassifierWrapper) else model
     for name, adapter_cls in ADAPTERS:
         if name != GenericBlockAdapter.family and adapter_cls.matches(inner):
@@ -53,10 +67,13 @@ def get_block_adapter(
 __all__ = [
     "ADAPTERS",
     "BlockAdapter",
+    "BlockSplitError",
     "CifarResNet",
     "GenericBlockAdapter",
+    "HEAD_POOLINGS",
     "ImageClassifierWrapper",
     "build_model",
+    "check_block_split",
     "model_source",
     "get_block_adapter",
     "load_cifar_resnet",

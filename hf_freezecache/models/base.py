@@ -31,6 +31,14 @@ class BlockAdapter(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def bind(self, model: nn.Module) -> BlockAdapter:
+        """The same view of `model`, another instance of this adapter's model class (a deep copy, other weights).
+
+        Adapters with options (module names, `interpolate_pos_encoding`) override it to carry them over.
+        """
+        self._check_same_architecture(model)
+        return type(self)(model)
+
     @classmethod
     @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -101,6 +109,13 @@ class BlockAdapter(ABC):
         """Qualified module names of the blocks, for logs and error messages."""
         names = {id(module): name for name, module in self.model.named_modules()}
         return [names.get(id(block), f"block{index}") for index, block in enumerate(self.blocks)]
+
+    def _check_same_architecture(self, model: nn.Module) -> None:
+        if type(model) is not type(self.model):
+            raise ValueError(
+                f"bind needs another {type(self.model).__name__} (the class of this adapter's model), got "
+                f"{type(model).__name__}."
+            )
 
     def _check_position(self, position: int) -> None:
         if not 0 <= position <= self.num_blocks:

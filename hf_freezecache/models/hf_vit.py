@@ -40,6 +40,11 @@ class _HFViTStyleAdapter(BlockAdapter):
         super().__init__(model)
         self.interpolate_pos_encoding = interpolate_pos_encoding
 
+    def bind(self, model: PreTrainedModel) -> _HFViTStyleAdapter:
+        """The same view of `model`, with the same `interpolate_pos_encoding`."""
+        self._check_same_architecture(model)
+        return type(self)(model, interpolate_pos_encoding=self.interpolate_pos_encoding)
+
     @property
     @abstractmethod
     def backbone(self) -> nn.Module:

@@ -12,6 +12,12 @@ from torch import nn
 from ..models import BlockAdapter
 
 
+def check_probe_size(size: int) -> None:
+    """Rejects a probe batch of fewer than 2 images: centred over one sample, every block output is zero."""
+    if size < 2:
+        raise ValueError(f"--policy_probe_size must be at least 2, got {size}.")
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Within the block every module of `model` is in eval mode; each module's own flag is restored after.
@@ -33,7 +39,7 @@ class BlockProbe:
 
     The frozen prefix's output never changes, so it is computed once per prefix length and reused; only the blocks
     after it run at each evaluation. Advancing the prefix runs blocks that may already be discarded (moved off the
-    training device): `restore` is the context manager that brings them back (`DiscardedPrefix.restored`).
+    training device): `restore` is the context manager that brings them back (`FreezeCacheModel.restored`).
 
     Args:
         adapter (`BlockAdapter`): The model's block view.

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..models import BlockAdapter, get_block_adapter
+from ..models import BlockAdapter
 from ._probe import BlockProbe, centered_gram, cka_from_grams
 
 
@@ -43,16 +43,9 @@ class ReferenceRepresentations:
         adapter (`BlockAdapter`): The training model's block view (its architecture is copied).
         state_dict (`dict`): The reference weights, keyed like the training model's `state_dict()`.
         pixel_values (`torch.Tensor`): The probe images.
-        adapter_modules (`dict`, *optional*): `get_block_adapter` keywords for a generic model.
     """
 
-    def __init__(
-        self,
-        adapter: BlockAdapter,
-        state_dict: dict[str, torch.Tensor],
-        pixel_values: torch.Tensor,
-        adapter_modules: dict | None = None,
-    ) -> None:
+    def __init__(self, adapter: BlockAdapter, state_dict: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> None:
         reference = copy.deepcopy(adapter.model)
         missing, unexpected = reference.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
@@ -62,7 +55,7 @@ class ReferenceRepresentations:
             )
         for param in reference.parameters():
             param.requires_grad_(False)
-        ref_adapter = get_block_adapter(reference, **(adapter_modules or {}))
+        ref_adapter = adapter.bind(reference)
         outputs = BlockProbe(ref_adapter, pixel_values).run()
         self.grams = [centered_gram(outputs[index][1]) for index in range(ref_adapter.num_blocks)]
 

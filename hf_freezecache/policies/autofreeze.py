@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -9,10 +10,34 @@ import torch
 
 from . import register_policy
 from ._schedule import EvaluationClock
-from .base import FreezePolicy, TrainingProgress
+from .base import FreezePolicy, PolicyConfig, TrainingProgress
 
 
-@register_policy("autofreeze")
+@dataclass
+class AutoFreezeConfig(PolicyConfig):
+    """Options of `autofreeze` (flags `--autofreeze_<field>`)."""
+
+    evaluations_per_epoch: int = field(
+        default=4, metadata={"help": "AutoFreeze: evaluations of the gradient-norm change rate per epoch (M)."}
+    )
+    percentile: float = field(
+        default=50.0,
+        metadata={
+            "help": "AutoFreeze: blocks whose change rate is at or below this percentile (N) of the unfrozen blocks' "
+            "rates are candidates; they freeze from the front only."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.evaluations_per_epoch < 1:
+            raise ValueError(
+                f"--autofreeze_evaluations_per_epoch must be at least 1, got {self.evaluations_per_epoch}."
+            )
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ValueError(f"--autofreeze_percentile must be in [0, 100], got {self.percentile}.")
+
+
+@register_policy("autofreeze", config=AutoFreezeConfig)
 class AutoFreeze(FreezePolicy):
     """Freezes front blocks whose gradient norm has stopped changing.
 
@@ -25,20 +50,11 @@ class AutoFreeze(FreezePolicy):
     """
 
     name = "autofreeze"
-
-    @classmethod
-    def check_arguments(cls, config) -> None:
-        if config.autofreeze_evaluations_per_epoch < 1:
-            raise ValueError(
-                "--autofreeze_evaluations_per_epoch must be at least 1, got "
-                f"{config.autofreeze_evaluations_per_epoch}."
-            )
-        if not 0.0 <= config.autofreeze_percentile <= 100.0:
-            raise ValueError(f"--autofreeze_percentile must be in [0, 100], got {config.autofreeze_percentile}.")
+    config: AutoFreezeConfig
 
     def setup(self, adapter) -> None:
         super().setup(adapter)
-        self.clock = EvaluationClock(self.config.autofreeze_evaluations_per_epoch)
+        self.clock = EvaluationClock(self.config.evaluations_per_epoch)
         self._block_params = [adapter.block_parameters(index) for index in range(adapter.num_blocks)]
         self._norm_sums: torch.Tensor | None = None  # on the training device: no host sync per step
         self._steps = 0
@@ -72,7 +88,7 @@ class AutoFreeze(FreezePolicy):
         self.previous_norms = current
         if not rates:
             return set()
-        threshold = float(np.percentile(list(rates.values()), self.config.autofreeze_percentile))
+        threshold = float(np.percentile(list(rates.values()), self.config.percentile))
         self.evidence = {
             index: {"grad_norm": current[index], "change_rate": rate, "threshold": threshold}
             for index, rate in rates.items()
@@ -105,4 +121,4 @@ class AutoFreeze(FreezePolicy):
 
     def describe(self) -> str:
         cfg = self.config
-        return f"autofreeze (M={cfg.autofreeze_evaluations_per_epoch}/epoch, N={cfg.autofreeze_percentile:g}%)"
+        return f"autofreeze (M={cfg.evaluations_per_epoch}/epoch, N={cfg.percentile:g}%)"

@@ -9,9 +9,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from transformers import TrainerState
 
-    from ..config import FreezeCacheArguments
     from ..models import BlockAdapter
     from ._probe import BlockProbe
+
+
+@dataclass
+class PolicyConfig:
+    """Base of a policy's options: one dataclass per policy, in the policy's file, registered with it
+    (`@register_policy(name, config=...)`), as peft registers each method with its config.
+
+    Every field has a default and a `metadata={"help": ...}`; `__post_init__` rejects bad values with a one-line
+    `ValueError` naming the flag, the value and what is allowed. `FreezeCacheArguments` declares one flag per field
+    (`freezeout_t0` feeds `FreezeOutConfig.t0`) and builds the config of `--freeze_policy` when it is created. The
+    config of a policy that sets `needs_probe` has a `probe_size` field: the training images in its probe batch.
+    """
 
 
 @dataclass(frozen=True)
@@ -50,26 +61,25 @@ class FreezePolicy(ABC):
     order; only the longest frozen prefix runs without gradients and can be discarded.
 
     Policies that watch representations set `needs_probe`: the callback then hands them a `BlockProbe` (a fixed batch
-    of `--policy_probe_size` training images) before the first step. What a policy decided from is kept in
+    of `config.probe_size` training images) before the first step. What a policy decided from is kept in
     `evidence` (per block, the numbers of its latest evaluation): the callback logs it with the Trainer's logs and
     writes it into the freeze timeline of the cost report when the block freezes.
 
     Args:
-        config (`FreezeCacheArguments`): The run's options; a policy reads its own `<policy>_*` fields.
+        config (`PolicyConfig`): The policy's options, an instance of the config class it is registered with.
     """
 
     name: ClassVar[str] = ""
     needs_probe: ClassVar[bool] = False
+    #: Whether decisions depend on training progress alone, so that every process takes the same one without
+    #: communicating (`PolicyRunner` otherwise applies the main process's decision everywhere, one collective a step).
+    decides_from_progress: ClassVar[bool] = False
 
-    def __init__(self, config: FreezeCacheArguments) -> None:
+    def __init__(self, config: PolicyConfig) -> None:
         self.config = config
         self.adapter: BlockAdapter | None = None
         self.probe: BlockProbe | None = None
         self.evidence: dict[int, dict[str, float]] = {}
-
-    @classmethod
-    def check_arguments(cls, config: FreezeCacheArguments) -> None:
-        """Rejects option values this policy cannot use; called when the arguments are parsed."""
 
     def setup(self, adapter: BlockAdapter) -> None:
         """Binds the policy to a model; raises `ValueError` when the options do not fit it (e.g. a block index)."""

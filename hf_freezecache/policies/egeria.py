@@ -4,17 +4,46 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import register_policy
-from ._probe import eval_mode
+from ._probe import check_probe_size, eval_mode
 from ._schedule import EvaluationClock, relative_slope
-from .base import FreezePolicy, TrainingProgress
+from .base import FreezePolicy, PolicyConfig, TrainingProgress
 
 
-@register_policy("egeria")
+@dataclass
+class EgeriaConfig(PolicyConfig):
+    """Options of `egeria` (flags `--egeria_<field>`, and `--policy_probe_size`)."""
+
+    evaluations_per_epoch: int = field(
+        default=4, metadata={"help": "Egeria: plasticity evaluations (and reference refreshes) per epoch."}
+    )
+    window: int = field(default=5, metadata={"help": "Egeria: plasticity values the slope is fitted over."})
+    slope_threshold: float = field(
+        default=0.02,
+        metadata={
+            "help": "Egeria: the front block freezes when its plasticity's slope per evaluation, relative to its "
+            "mean, is above minus this value (plasticity stopped decreasing)."
+        },
+    )
+    probe_size: int = field(default=256, metadata={"help": "Egeria: training images in the fixed probe batch."})
+
+    def __post_init__(self) -> None:
+        if self.evaluations_per_epoch < 1 or self.window < 2:
+            raise ValueError(
+                f"--egeria_evaluations_per_epoch must be >= 1 and --egeria_window >= 2, got "
+                f"{self.evaluations_per_epoch} and {self.window}."
+            )
+        if self.slope_threshold < 0:
+            raise ValueError(f"--egeria_slope_threshold must be >= 0, got {self.slope_threshold}.")
+        check_probe_size(self.probe_size)
+
+
+@register_policy("egeria", config=EgeriaConfig)
 class Egeria(FreezePolicy):
     """Plasticity-guided sequential freezing against a cheap, periodically refreshed reference copy.
 
@@ -35,20 +64,11 @@ class Egeria(FreezePolicy):
 
     name = "egeria"
     needs_probe = True
-
-    @classmethod
-    def check_arguments(cls, config) -> None:
-        if config.egeria_evaluations_per_epoch < 1 or config.egeria_window < 2:
-            raise ValueError(
-                f"--egeria_evaluations_per_epoch must be >= 1 and --egeria_window >= 2, got "
-                f"{config.egeria_evaluations_per_epoch} and {config.egeria_window}."
-            )
-        if config.egeria_slope_threshold < 0:
-            raise ValueError(f"--egeria_slope_threshold must be >= 0, got {config.egeria_slope_threshold}.")
+    config: EgeriaConfig
 
     def setup(self, adapter) -> None:
         super().setup(adapter)
-        self.clock = EvaluationClock(self.config.egeria_evaluations_per_epoch)
+        self.clock = EvaluationClock(self.config.evaluations_per_epoch)
         self.history: dict[int, list[float]] = {}
         self.reference: dict[int, list[torch.Tensor]] = {}
 
@@ -76,11 +96,11 @@ class Egeria(FreezePolicy):
             values = self.history.setdefault(index, [])
             values.append(value)
             self.evidence[index] = {"plasticity": value}
-            if len(values) >= self.config.egeria_window:
-                self.evidence[index]["slope"] = relative_slope(values[-self.config.egeria_window :])
+            if len(values) >= self.config.window:
+                self.evidence[index]["slope"] = relative_slope(values[-self.config.window :])
         self._refresh(frozen)
         slopes = {index: values["slope"] for index, values in self.evidence.items() if "slope" in values}
-        return self.front_blocks_to_freeze(slopes, start, self.config.egeria_slope_threshold)
+        return self.front_blocks_to_freeze(slopes, start, self.config.slope_threshold)
 
     @staticmethod
     def front_blocks_to_freeze(slopes: dict[int, float], start: int, threshold: float) -> set[int]:
@@ -127,6 +147,5 @@ class Egeria(FreezePolicy):
     def describe(self) -> str:
         cfg = self.config
         return (
-            f"egeria (window {cfg.egeria_window}, slope threshold {cfg.egeria_slope_threshold:g}, "
-            f"{cfg.egeria_evaluations_per_epoch}/epoch)"
+            f"egeria (window {cfg.window}, slope threshold {cfg.slope_threshold:g}, {cfg.evaluations_per_epoch}/epoch)"
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from . import register_policy
-from .base import FreezePolicy, TrainingProgress
+from .base import FreezePolicy, PolicyConfig, TrainingProgress
 
 
 def parse_freeze_schedule(schedule: str) -> list[tuple[float, int]]:
@@ -30,21 +32,35 @@ def parse_freeze_schedule(schedule: str) -> list[tuple[float, int]]:
     return entries
 
 
-@register_policy("fixed")
+@dataclass
+class FixedScheduleConfig(PolicyConfig):
+    """Options of `fixed` (flag `--freeze_schedule`)."""
+
+    schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "Policy 'fixed': 'EPOCH:POSITION,...', e.g. '30:5,60:10' freezes blocks 0-4 at epoch 30 and "
+            "blocks 0-9 at epoch 60. Epochs may be fractional."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.schedule:
+            raise ValueError("--freeze_policy fixed needs --freeze_schedule, e.g. '30:5,60:10'.")
+        parse_freeze_schedule(self.schedule)
+
+
+@register_policy("fixed", config=FixedScheduleConfig)
 class FixedSchedule(FreezePolicy):
     """At each `epoch:position` of `--freeze_schedule`, freezes blocks `0..position-1` once `epoch` is reached."""
 
     name = "fixed"
-
-    @classmethod
-    def check_arguments(cls, config) -> None:
-        if not config.freeze_schedule:
-            raise ValueError("--freeze_policy fixed needs --freeze_schedule, e.g. '30:5,60:10'.")
-        parse_freeze_schedule(config.freeze_schedule)
+    decides_from_progress = True
+    config: FixedScheduleConfig
 
     def setup(self, adapter) -> None:
         super().setup(adapter)
-        self.schedule = parse_freeze_schedule(self.config.freeze_schedule)
+        self.schedule = parse_freeze_schedule(self.config.schedule)
         last = self.schedule[-1][1]
         if last > adapter.num_blocks:
             raise ValueError(
@@ -57,4 +73,4 @@ class FixedSchedule(FreezePolicy):
         return set(range(max(reached))) if reached else set()
 
     def describe(self) -> str:
-        return f"fixed ({self.config.freeze_schedule})"
+        return f"fixed ({self.config.schedule})"

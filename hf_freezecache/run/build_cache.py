@@ -10,19 +10,24 @@ import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser
 
-from ..cache import CacheManifest, build_activation_cache, build_codec, dataset_fingerprint
+from ..cache import CacheManifest
 from ..config import FreezeCacheArguments
 from ..data import collate_image_batch
-from ..integrations.cache_request import requested_fingerprint, requested_sidecars
-from ..models import build_model, get_block_adapter
+from ..discard import CacheBuildSettings, reuse_or_build_cache
+from ..model import FreezeCacheModel
+from ..models import build_model, check_block_split, get_block_adapter
 from .arguments import DataTrainingArguments, ModelArguments, expand_config_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CacheBuildArguments:
     """Where the cache goes and what it covers."""
 
-    output_dir: str = field(metadata={"help": "Folder to write the cache to (replaced if it exists)."})
+    output_dir: str = field(
+        metadata={"help": "Folder to write the cache to (kept if it holds this cache already, replaced otherwise)."}
+    )
     position: int = field(
         metadata={"help": "Block position: the cache holds the activations after blocks 0..position-1."}
     )
@@ -66,7 +71,8 @@ def run_build_cache(arguments: BuildArguments) -> CacheManifest:
 
     Under `accelerate launch` with several processes, each builds its share (`build_activation_cache`). The
     training split's cache has the fingerprint training with the same options computes, so a run with
-    `--cache_dir` pointing at its parent (and the cache in `position-<NN>`) reuses it instead of building it.
+    `--cache_dir` pointing at its parent (and the cache in `position-<NN>`) reuses it instead of building it; and a
+    cache already in `--output_dir` with that fingerprint is kept (verified) rather than built again.
     """
     model_args, data_args, freeze_args, build_args = arguments
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -76,45 +82,39 @@ def run_build_cache(arguments: BuildArguments) -> CacheManifest:
         processes.device if processes is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     data = data_args.load()
-    model = build_model(
+    base = build_model(
         model_args.model, data.num_labels, model_args.pretrained_weights, model_args.parsed_timm_kwargs()
     )
-    model.to(device)
-    adapter = get_block_adapter(model, **freeze_args.adapter_modules())
-    if build_args.position >= adapter.num_blocks:
+    model = FreezeCacheModel(base, get_block_adapter(base, **freeze_args.adapter_modules())).to(device)
+    if build_args.position >= model.num_blocks:
         raise ValueError(
-            f"--position {build_args.position} leaves no block to train: this {adapter.family} model has "
-            f"{adapter.num_blocks} blocks, so positions go from 1 to {adapter.num_blocks - 1}."
+            f"--position {build_args.position} leaves no block to train: this {model.adapter.family} model has "
+            f"{model.num_blocks} blocks, so positions go from 1 to {model.num_blocks - 1}."
         )
     training = build_args.split == "train"
     images = data.train_unaugmented if training else data.eval
-    sidecars = requested_sidecars(freeze_args, adapter) if training else []
-    parts = requested_fingerprint(
-        adapter,
-        build_args.position,
-        freeze_args,
-        dataset_fingerprint(images),
-        sidecars,
-        data.train if training else None,
-        build_args.seed,
-    )
-    return build_activation_cache(
-        adapter,
-        build_args.position,
-        images,
-        build_args.output_dir,
-        build_codec(freeze_args.codec_config()),
-        freeze_args.cache_chunk_size,
-        parts,
-        collate_fn=collate_image_batch,
-        batch_size=build_args.batch_size,
+    # A cache is only useful to a suffix that continues the model's forward: refuse a split that does not.
+    probe = collate_image_batch([images[i] for i in range(min(4, len(images)))])["pixel_values"].to(device)
+    check_block_split(model.adapter, probe, positions=[build_args.position])
+    settings = CacheBuildSettings(
         device=device,
+        batch_size=build_args.batch_size,
         num_workers=build_args.num_workers,
-        encode_threads=freeze_args.cache_decode_threads,
-        max_shard_size=freeze_args.cache_max_shard_size,
-        progress=not build_args.disable_tqdm,
-        sidecars=sidecars,
-        augmented_dataset=data.train if training else None,
         seed=build_args.seed,
+        progress=not build_args.disable_tqdm,
         processes=processes,
     )
+    cache, reused = reuse_or_build_cache(
+        model,
+        build_args.position,
+        build_args.output_dir,
+        freeze_args.discard_config(),
+        images,
+        settings,
+        augmented_images=data.train if training else None,
+        collate_fn=collate_image_batch,
+        with_sidecars=training,
+    )
+    if reused:
+        logger.info("%s already holds this cache (same fingerprint): kept.", build_args.output_dir)
+    return cache.manifest

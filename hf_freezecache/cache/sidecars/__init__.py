@@ -13,9 +13,14 @@ from .base import SIDECAR_COLUMN_PREFIX, Sidecar, SidecarArray
 SIDECARS: Registry[Sidecar] = Registry("cache sidecar")
 register_sidecar = SIDECARS.register
 
-from .channel_flip import FLIPPED_CHANNELS, ChannelFlipSidecar  # noqa: E402
+from .channel_flip import FLIPPED_CHANNELS, ChannelFlipConfig, ChannelFlipSidecar  # noqa: E402
 from .ssim import channel_ssim  # noqa: E402
-from .token_replacement import REPLACEMENT_POSITIONS, REPLACEMENT_TOKENS, TokenReplacementSidecar  # noqa: E402
+from .token_replacement import (  # noqa: E402
+    REPLACEMENT_POSITIONS,
+    REPLACEMENT_TOKENS,
+    TokenReplacementConfig,
+    TokenReplacementSidecar,
+)
 
 
 def build_sidecar(name: str, **options: object) -> Sidecar:
@@ -29,9 +34,11 @@ __all__ = [
     "REPLACEMENT_TOKENS",
     "SIDECARS",
     "SIDECAR_COLUMN_PREFIX",
+    "ChannelFlipConfig",
     "ChannelFlipSidecar",
     "Sidecar",
     "SidecarArray",
+    "TokenReplacementConfig",
     "TokenReplacementSidecar",
     "build_sidecar",
     "channel_ssim",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,11 +12,50 @@ from . import register_sidecar
 from .base import Prefix, Sidecar, SidecarArray
 from .ssim import channel_ssim
 
+if TYPE_CHECKING:
+    from ...models import BlockAdapter
+
 #: `(x, H, W)` activations of the flipped image, for the selected channels in `summary()["channels"]` order.
 FLIPPED_CHANNELS = "flipped_channels"
 
 
-@register_sidecar("channel-flip")
+@dataclass
+class ChannelFlipConfig:
+    """Options of the `channel-flip` sidecar (flags `--channel_aug_*`); `gamma = 0` stores none."""
+
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "CNN caches: similarity-aware channel augmentation. Fraction of the channels (those whose "
+            "response to a flipped image is least like a flipped map, by SSIM) whose flipped-image activations are "
+            "cached and replace the flipped map when a sample is flipped. 0: plain discard."
+        },
+    )
+    calibration_size: int = field(
+        default=512, metadata={"help": "Training images the per-channel SSIM is averaged over to select channels."}
+    )
+
+    #: The activation layout this sidecar serves, and the augmentation that uses it.
+    layout = "feature-maps"
+    #: The flag of the option that switches it on, for messages.
+    flag = "channel_aug_gamma"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"--channel_aug_gamma must be in [0, 1], got {self.gamma}.")
+        if self.calibration_size < 1:
+            raise ValueError(f"--channel_aug_calibration_size must be at least 1, got {self.calibration_size}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.gamma > 0
+
+    def build(self, adapter: BlockAdapter) -> ChannelFlipSidecar:
+        """The sidecar these options ask for."""
+        return ChannelFlipSidecar(self.gamma, self.calibration_size)
+
+
+@register_sidecar("channel-flip", config=ChannelFlipConfig)
 class ChannelFlipSidecar(Sidecar):
     """Stores, for the channels least equivariant to a horizontal flip, the activations of the flipped image.
 

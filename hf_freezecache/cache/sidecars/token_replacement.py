@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -10,13 +11,56 @@ import torch.nn.functional as F
 from . import register_sidecar
 from .base import Prefix, Sidecar, SidecarArray
 
+if TYPE_CHECKING:
+    from ...models import BlockAdapter
+
 #: `(m, D)` tokens of the augmented view, stored for replacement.
 REPLACEMENT_TOKENS = "replacement_tokens"
 #: `(m,)` token indices (special tokens included in the count) that `REPLACEMENT_TOKENS` replace, int32.
 REPLACEMENT_POSITIONS = "replacement_positions"
 
 
-@register_sidecar("token-replacement")
+@dataclass
+class TokenReplacementConfig:
+    """Options of the `token-replacement` sidecar (flags `--token_aug_*`); `alpha = 0` stores none."""
+
+    alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "ViT/DeiT caches: token replacement. Fraction of the patch tokens of an augmented view (the "
+            "training image augmentation) cached per sample: those least similar to their best match among the "
+            "original tokens. 0: plain discard."
+        },
+    )
+    matching: str = field(
+        default="max",
+        metadata={
+            "help": "Token replacement: match each original token to the augmented token of 'max' (highest, the "
+            "paper's text) or 'min' (lowest, the paper's Algorithm 1) cosine similarity."
+        },
+    )
+
+    #: The activation layout this sidecar serves, and the augmentation that uses it.
+    layout = "tokens"
+    #: The flag of the option that switches it on, for messages.
+    flag = "token_aug_alpha"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--token_aug_alpha must be in [0, 1], got {self.alpha}.")
+        if self.matching not in ("max", "min"):
+            raise ValueError(f"--token_aug_matching must be 'max' or 'min', got {self.matching!r}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha > 0
+
+    def build(self, adapter: BlockAdapter) -> TokenReplacementSidecar:
+        """The sidecar these options ask for, for the special tokens of `adapter`'s model."""
+        return TokenReplacementSidecar(self.alpha, self.matching, adapter.num_special_tokens)
+
+
+@register_sidecar("token-replacement", config=TokenReplacementConfig)
 class TokenReplacementSidecar(Sidecar):
     """Stores, per sample, the augmented view's tokens that differ most from the original's, and where they go.
 

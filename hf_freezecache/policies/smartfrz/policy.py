@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -9,12 +10,45 @@ import torch
 
 from .. import register_policy
 from .._schedule import EvaluationClock, decode_array, encode_array
-from ..base import FreezePolicy, TrainingProgress
+from ..base import FreezePolicy, PolicyConfig, TrainingProgress
 from .predictor import FreezePredictor
 from .tailoring import WeightTailor
 
 
-@register_policy("smartfrz")
+@dataclass
+class SmartFRZConfig(PolicyConfig):
+    """Options of `smartfrz` (flags `--smartfrz_<field>`)."""
+
+    predictor: str | None = field(
+        default=None,
+        metadata={"help": "SmartFRZ: predictor file (FreezePredictor.save); default: the one shipped in the package."},
+    )
+    records_per_epoch: int = field(
+        default=4,
+        metadata={"help": "SmartFRZ: freezing stages per epoch; each records the tailored weights and decides."},
+    )
+    window: int = field(default=30, metadata={"help": "SmartFRZ: attention window, in records."})
+    min_records: int = field(
+        default=8, metadata={"help": "SmartFRZ: records a block needs before the predictor decides for it."}
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "SmartFRZ: freeze when the predicted freeze probability exceeds this."}
+    )
+    seed: int = field(default=0, metadata={"help": "SmartFRZ: seed of the tailored weights' selection."})
+
+    def __post_init__(self) -> None:
+        for name in ("records_per_epoch", "window", "min_records"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--smartfrz_{name} must be at least 1, got {getattr(self, name)}.")
+        if self.min_records > self.window:
+            raise ValueError(
+                f"--smartfrz_min_records ({self.min_records}) cannot exceed --smartfrz_window ({self.window})."
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"--smartfrz_threshold must be in (0, 1), got {self.threshold}.")
+
+
+@register_policy("smartfrz", config=SmartFRZConfig)
 class SmartFRZ(FreezePolicy):
     """Freezes each block the moment the predictor says its weight history has converged.
 
@@ -27,26 +61,14 @@ class SmartFRZ(FreezePolicy):
     """
 
     name = "smartfrz"
-
-    @classmethod
-    def check_arguments(cls, config) -> None:
-        for flag in ("smartfrz_records_per_epoch", "smartfrz_window", "smartfrz_min_records"):
-            if getattr(config, flag) < 1:
-                raise ValueError(f"--{flag} must be at least 1, got {getattr(config, flag)}.")
-        if config.smartfrz_min_records > config.smartfrz_window:
-            raise ValueError(
-                f"--smartfrz_min_records ({config.smartfrz_min_records}) cannot exceed --smartfrz_window "
-                f"({config.smartfrz_window})."
-            )
-        if not 0.0 < config.smartfrz_threshold < 1.0:
-            raise ValueError(f"--smartfrz_threshold must be in (0, 1), got {config.smartfrz_threshold}.")
+    config: SmartFRZConfig
 
     def setup(self, adapter) -> None:
         super().setup(adapter)
         cfg = self.config
-        self.predictor = FreezePredictor.from_file(cfg.smartfrz_predictor)
-        self.tailor = WeightTailor(adapter, self.predictor.input_size, seed=cfg.smartfrz_seed)
-        self.clock = EvaluationClock(cfg.smartfrz_records_per_epoch)
+        self.predictor = FreezePredictor.from_file(cfg.predictor)
+        self.tailor = WeightTailor(adapter, self.predictor.input_size, seed=cfg.seed)
+        self.clock = EvaluationClock(cfg.records_per_epoch)
         self.history: dict[int, list[torch.Tensor]] = {}
 
     def blocks_to_freeze(self, progress: TrainingProgress, frozen: frozenset[int]) -> set[int]:
@@ -61,12 +83,12 @@ class SmartFRZ(FreezePolicy):
                 continue
             records = self.history.setdefault(index, [])
             records.append(self.tailor.record(index))
-            del records[: -cfg.smartfrz_window]
-            if len(records) < cfg.smartfrz_min_records:
+            del records[: -cfg.window]
+            if len(records) < cfg.min_records:
                 continue
             probability = self.predictor.freeze_probability(torch.stack(records))
             self.evidence[index] = {"freeze_probability": probability, "records": float(len(records))}
-            if probability > cfg.smartfrz_threshold:
+            if probability > cfg.threshold:
                 decided.add(index)
         return decided
 
@@ -84,5 +106,5 @@ class SmartFRZ(FreezePolicy):
 
     def describe(self) -> str:
         cfg = self.config
-        source = cfg.smartfrz_predictor or "shipped predictor"
-        return f"smartfrz ({source}, window {cfg.smartfrz_window}, {cfg.smartfrz_records_per_epoch} records/epoch)"
+        source = cfg.predictor or "shipped predictor"
+        return f"smartfrz ({source}, window {cfg.window}, {cfg.records_per_epoch} records/epoch)"

@@ -23,6 +23,7 @@ from .._probe import BlockProbe
 from .._reference import ReferenceRepresentations, load_reference_state
 from .._schedule import EvaluationClock, stabilised
 from ..base import TrainingProgress
+from .policy import SmartFRZConfig
 from .predictor import FreezePredictor
 from .tailoring import WeightTailor
 
@@ -35,7 +36,7 @@ class HistoryRecorder(TrainerCallback):
         reference (`str`): Output dir or weights file of the reference model (same architecture, trained).
         probe_size (`int`): Training images in the fixed probe batch (the first ones of the training set).
         output_path (`str`): Where to write the history.
-        records_per_epoch (`int`): Records per epoch (use the policy's `--smartfrz_records_per_epoch`).
+        records_per_epoch (`int`): Records per epoch (the policy's `--smartfrz_records_per_epoch`).
         tailored_size (`int`): Weights per record (the predictor's input size).
         seed (`int`): Seed of the tailored weights' selection.
         metadata (`dict`, *optional*): Stored with the history (model, dataset, ...).
@@ -46,9 +47,9 @@ class HistoryRecorder(TrainerCallback):
         reference: str,
         probe_size: int,
         output_path: str,
-        records_per_epoch: int = 4,
+        records_per_epoch: int = SmartFRZConfig.records_per_epoch,
         tailored_size: int = 1024,
-        seed: int = 0,
+        seed: int = SmartFRZConfig.seed,
         metadata: dict | None = None,
     ) -> None:
         self.reference_state = load_reference_state(reference)

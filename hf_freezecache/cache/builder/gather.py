@@ -1,0 +1,117 @@
+"""The last stage of a build, on the main process: the processes' parts gathered into one cache, and its manifest."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+
+from ...models import model_source
+from ..manifest import CacheManifest, cache_fingerprint, file_sha256
+from ..sidecars import Sidecar
+from .encode import PartStats
+from .prepare import BuildPlan, PrefixRun
+from .staging import Staging
+
+
+def gather_parts(staging: Staging, num_parts: int) -> tuple[PartStats, dict[str, str]]:
+    """Moves the processes' shards, in process order, into one `save_to_disk` folder `staging.final`.
+
+    Returns:
+        The totals of the parts' statistics, and the sha256 of each gathered shard by file name, in row order.
+    """
+    totals = PartStats()
+    sources, state, info = [], None, None
+    for rank in range(num_parts):
+        part = staging.part(rank)
+        stats = PartStats.load(part)
+        if stats is None:
+            raise RuntimeError(
+                f"Process {rank} wrote no part of the cache in {staging.path}: the processes disagree on what they "
+                "build (their prefix weights, dataset or options differ), or the folder is not on a file system they "
+                "share."
+            )
+        totals.add(stats)
+        if not stats.rows:
+            continue
+        with open(os.path.join(part, "state.json")) as f:
+            part_state = json.load(f)
+        sources += [os.path.join(part, entry["filename"]) for entry in part_state["_data_files"]]
+        state = state or part_state
+        info = info or os.path.join(part, "dataset_info.json")
+    os.makedirs(staging.final)
+    files = [f"data-{index:05d}-of-{len(sources):05d}.arrow" for index in range(len(sources))]
+    for source, name in zip(sources, files, strict=True):
+        os.rename(source, os.path.join(staging.final, name))
+    shutil.copy(info, os.path.join(staging.final, "dataset_info.json"))
+    # `datasets.load_from_disk` reads the shard list from state.json: rewritten for the gathered shards.
+    state.update(_data_files=[{"filename": name} for name in files], _fingerprint=staging.fingerprint)
+    with open(os.path.join(staging.final, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    return totals, {name: file_sha256(os.path.join(staging.final, name)) for name in files}
+
+
+def cache_manifest(
+    run: PrefixRun,
+    plan: BuildPlan,
+    sidecars: Sequence[Sidecar],
+    *,
+    fingerprint_parts: dict[str, str],
+    chunk_size: int,
+    totals: PartStats,
+    shards: dict[str, str],
+    build_seconds: float,
+    num_processes: int,
+) -> CacheManifest:
+    """The manifest of the gathered cache.
+
+    Raises:
+        RuntimeError: the processes wrote another number of rows than the samples make.
+    """
+    num_samples = len(run.dataset)
+    source_model, source_revision = model_source(run.adapter.model)
+    manifest = CacheManifest(
+        fingerprint=cache_fingerprint(fingerprint_parts),
+        fingerprint_parts=fingerprint_parts,
+        model_family=run.adapter.family,
+        model_class=type(run.adapter.model).__name__,
+        position=run.position,
+        sample_shape=list(plan.sample_shape),
+        dtype="float32",
+        codec=plan.codec.config(),
+        chunk_size=chunk_size,
+        num_samples=num_samples,
+        num_chunks=-(-num_samples // chunk_size),
+        raw_bytes=int(num_samples * math.prod(plan.sample_shape) * 4),
+        stored_bytes=totals.stored,
+        build_seconds=build_seconds,
+        prefix_forward_flops_per_sample=plan.flops_per_sample,
+        build_prefix_passes=1
+        + sum(s.extra_prefix_passes for s in sidecars)
+        + sum(s.calibration_passes * min(s.calibration_size, num_samples) for s in sidecars) / num_samples,
+        source="images",
+        shards=shards,
+        sidecars={
+            sidecar.name: {
+                "config": sidecar.config(),
+                "summary": sidecar.summary(),
+                "arrays": {
+                    name: {"shape": list(spec.shape), "dtype": spec.dtype, "stored_bytes": totals.sidecar_bytes[name]}
+                    for name, spec in sidecar.arrays(plan.sample_shape).items()
+                },
+            }
+            for sidecar in sidecars
+        },
+        source_model=source_model,
+        source_revision=source_revision,
+        num_processes=num_processes,
+        model_num_blocks=run.adapter.num_blocks,
+    )
+    if totals.rows != manifest.num_chunks:
+        raise RuntimeError(
+            f"The processes wrote {totals.rows} rows in all, {manifest.num_chunks} were expected: a process built "
+            "from another dataset or chunk size."
+        )
+    return manifest

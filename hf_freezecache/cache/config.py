@@ -1,0 +1,71 @@
+"""`CacheConfig`: how activation caches are encoded, chunked, built and read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import CODECS
+
+
+@dataclass
+class CacheConfig:
+    """The options of activation caches: codec, tolerance, chunking, and the build's and reader's resources.
+
+    `FreezeCacheArguments` exposes each field as a `--cache_<field>` flag.
+    """
+
+    codec: str = field(
+        default="zfp",
+        metadata={
+            "help": "Codec of cached activations: 'zfp' (lossy, error <= tolerance), 'int8', 'fp16', 'bf16', "
+            "'none' (raw float32)."
+        },
+    )
+    tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "zfp error tolerance, the same at every position (the paper's progressive compression). Relative "
+            "to the standard deviation of the position's activations unless --cache_tolerance_relative false."
+        },
+    )
+    tolerance_relative: bool = field(
+        default=True,
+        metadata={"help": "Whether --cache_tolerance is relative to the activations' std (true) or absolute (false)."},
+    )
+    chunk_size: int = field(
+        default=4,
+        metadata={"help": "Consecutive samples compressed together (one cache row); chunks are shuffled as units."},
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the one-off prefix pass; default per_device_eval_batch_size."},
+    )
+    decode_threads: int = field(
+        default=2,
+        metadata={
+            "help": "Threads decoding the chunks of a batch (per DataLoader worker), and encoding chunks while a "
+            "cache is built."
+        },
+    )
+    max_shard_size: str = field(default="500MB", metadata={"help": "Largest Arrow shard of a cache."})
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(
+                f"--cache_codec {self.codec!r} is not a known codec; choose one of {', '.join(CODECS.names())}."
+            )
+        if not self.tolerance > 0:
+            raise ValueError(f"--cache_tolerance must be > 0, got {self.tolerance}.")
+        if self.chunk_size < 1:
+            raise ValueError(f"--cache_chunk_size must be at least 1, got {self.chunk_size}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"--cache_batch_size must be at least 1, got {self.batch_size}.")
+        if self.decode_threads < 1:
+            raise ValueError(f"--cache_decode_threads must be at least 1, got {self.decode_threads}.")
+
+    def codec_config(self) -> dict[str, Any]:
+        """The requested codec as a `build_codec` config (before a relative tolerance is resolved)."""
+        if self.codec == "zfp":
+            return {"name": "zfp", "tolerance": self.tolerance, "relative": self.tolerance_relative}
+        return {"name": self.codec}
