@@ -33,6 +33,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def config_classes(self) -> dict[str, type]:
+        """The config dataclass of every entry registered with one, by name (sorted)."""
+        return {name: self._configs[name] for name in sorted(self._configs)}
+
     def config_class(self, name: str) -> type | None:
         """The config dataclass registered with `name` (None when it was registered without one)."""
         self.get(name)  # an unknown name raises, listing the known ones

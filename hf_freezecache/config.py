@@ -168,10 +168,8 @@ class FreezeCacheArguments:
             cache_dir=self.cache_dir,
             augmentation=self.feature_augmentation,
             cache=component_config(self, CacheConfig),
-            sidecars={name: component_config(self, SIDECARS.config_class(name)) for name in _configured(SIDECARS)},
-            augmentations={
-                name: component_config(self, AUGMENTATIONS.config_class(name)) for name in _configured(AUGMENTATIONS)
-            },
+            sidecars={name: component_config(self, cls) for name, cls in SIDECARS.config_classes().items()},
+            augmentations={name: component_config(self, cls) for name, cls in AUGMENTATIONS.config_classes().items()},
         )
 
     def adapter_modules(self) -> dict[str, list[str] | str | None]:
@@ -189,7 +187,3 @@ class FreezeCacheArguments:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _configured(registry) -> list[str]:
-    """The names registered in `registry` with a config class."""
-    return [name for name in registry.names() if registry.config_class(name) is not None]

@@ -84,7 +84,7 @@ def test_discarding_refuses_positions_it_cannot_train_from(model):
     with pytest.raises(ValueError, match="Blocks 0-2 must be frozen"):
         model.discard(3)
     model.freeze_blocks(range(9))
-    with pytest.raises(ValueError, match="it goes from 1 to 8|so it goes from 1 to 8"):
+    with pytest.raises(ValueError, match="so it goes from 1 to 8"):
         model.discard(9)
     model.discard(5)
     with pytest.raises(ValueError, match="cannot go back to 3"):

@@ -90,7 +90,7 @@ def test_a_corrupt_cache_seen_by_process_0_stops_both_processes_with_its_message
     start = time.monotonic()
     results = _launch("discard", str(tmp_path), timeout=240)
     elapsed = time.monotonic() - start
-    assert [r.returncode for r in results] != [None, None] and None not in [r.returncode for r in results], (
+    assert None not in [r.returncode for r in results], (
         "a process was still waiting when the other had failed:\n" + "\n".join(r.stdout[-3000:] for r in results)
     )
     assert all(r.returncode != 0 for r in results)

@@ -8,10 +8,7 @@ from typing import Any
 from ..augmentation import AUGMENTATIONS
 from ..cache import SIDECARS
 from ..cache.config import CacheConfig
-
-
-def _default_configs(registry) -> dict[str, Any]:
-    return {name: registry.config_class(name)() for name in registry.names() if registry.config_class(name)}
+from ..cache.sidecars.base import SidecarConfig
 
 
 @dataclass
@@ -20,7 +17,8 @@ class DiscardConfig:
     config (those enabled are stored with the cache) and every registered augmentation's config (the one for the
     cache's layout augments its batches).
 
-    `FreezeCacheArguments.discard_config()` builds it from the flat flags.
+    `FreezeCacheArguments.discard_config()` builds it from the flat flags; a sidecar or augmentation left out keeps
+    its config's defaults.
     """
 
     positions: str | None = field(
@@ -45,8 +43,8 @@ class DiscardConfig:
         },
     )
     cache: CacheConfig = field(default_factory=CacheConfig)
-    sidecars: dict[str, Any] = field(default_factory=lambda: _default_configs(SIDECARS))
-    augmentations: dict[str, Any] = field(default_factory=lambda: _default_configs(AUGMENTATIONS))
+    sidecars: dict[str, Any] = field(default_factory=dict)
+    augmentations: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.parsed_positions()
@@ -55,8 +53,11 @@ class DiscardConfig:
                 f"--feature_augmentation {self.augmentation!r} is not known; choose 'auto' or "
                 f"one of {', '.join(AUGMENTATIONS.names())}."
             )
-        self.sidecars = {**_default_configs(SIDECARS), **self.sidecars}
-        self.augmentations = {**_default_configs(AUGMENTATIONS), **self.augmentations}
+        # Every registered component has its config; the ones not given keep their defaults (off for sidecars).
+        self.sidecars = {name: self.sidecars.get(name) or cls() for name, cls in SIDECARS.config_classes().items()}
+        self.augmentations = {
+            name: self.augmentations.get(name) or cls() for name, cls in AUGMENTATIONS.config_classes().items()
+        }
         for sidecar in self.enabled_sidecars():
             if self.augmentation not in ("auto", sidecar.layout):
                 raise ValueError(
@@ -85,6 +86,6 @@ class DiscardConfig:
             )
         return positions
 
-    def enabled_sidecars(self) -> list[Any]:
+    def enabled_sidecars(self) -> list[SidecarConfig]:
         """The configs of the sidecars these options store with a training cache."""
         return [config for config in self.sidecars.values() if config.enabled]

@@ -60,14 +60,14 @@ def estimate_cache_bytes(
     model: FreezeCacheModel, position: int, config: DiscardConfig, probe: torch.Tensor, num_samples: int
 ) -> int:
     """Bytes the cache at `position` will take on disk for `num_samples` samples, from encoding the activations of
-    the `probe` images (with 20% margin, and about gamma (alpha) more for sidecars)."""
+    the `probe` images (with 20% margin, and each sidecar's `stored_fraction` more)."""
     # Eval mode: a probe pass in train mode would move the BatchNorm statistics of blocks still training.
     with torch.no_grad(), prefix_in_eval(model.adapter, position):
         activations = model.adapter.prefix(probe, position).float().cpu().numpy()
     codec = build_codec(config.cache.codec_config()).resolve(activations)
     k = config.cache.chunk_size
     stored = sum(len(codec.encode(np.ascontiguousarray(activations[s : s + k]))) for s in range(0, len(probe), k))
-    sidecars = 1 + sum(getattr(s, "gamma", 0.0) + getattr(s, "alpha", 0.0) for s in config.enabled_sidecars())
+    sidecars = 1 + sum(sidecar.stored_fraction for sidecar in config.enabled_sidecars())
     return int(stored / len(probe) * num_samples * 1.2 * sidecars)
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ...models import BlockAdapter
 
 #: Cache column (and reader item key) of sidecar array `name`: `sidecar.<name>`.
 SIDECAR_COLUMN_PREFIX = "sidecar."
@@ -32,6 +35,25 @@ class SidecarArray:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "int32"):
             raise ValueError(f"Sidecar arrays are float32 or int32, not {self.dtype!r}.")
+
+
+class SidecarConfig(Protocol):
+    """What a sidecar's config dataclass (registered with `@register_sidecar(name, config=...)`) offers the discard
+    mechanism: whether the options switch it on, what it stores, and the sidecar itself."""
+
+    #: The activation layout the sidecar serves, which is the name of the augmentation that uses it.
+    layout: ClassVar[str]
+    #: The flag of the option that switches it on, for messages.
+    flag: ClassVar[str]
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def stored_fraction(self) -> float:
+        """About what the sidecar stores, as a fraction of the cached activations (for disk estimates)."""
+
+    def build(self, adapter: BlockAdapter) -> Sidecar: ...
 
 
 class Sidecar(ABC):

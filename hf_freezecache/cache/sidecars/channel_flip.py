@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -35,10 +35,8 @@ class ChannelFlipConfig:
         default=512, metadata={"help": "Training images the per-channel SSIM is averaged over to select channels."}
     )
 
-    #: The activation layout this sidecar serves, and the augmentation that uses it.
-    layout = "feature-maps"
-    #: The flag of the option that switches it on, for messages.
-    flag = "channel_aug_gamma"
+    layout: ClassVar[str] = "feature-maps"
+    flag: ClassVar[str] = "channel_aug_gamma"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:
@@ -49,6 +47,11 @@ class ChannelFlipConfig:
     @property
     def enabled(self) -> bool:
         return self.gamma > 0
+
+    @property
+    def stored_fraction(self) -> float:
+        """About what the sidecar stores, as a fraction of the cached activations (the selected channels)."""
+        return self.gamma
 
     def build(self, adapter: BlockAdapter) -> ChannelFlipSidecar:
         """The sidecar these options ask for."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,8 @@ class TokenReplacementConfig:
         },
     )
 
-    #: The activation layout this sidecar serves, and the augmentation that uses it.
-    layout = "tokens"
-    #: The flag of the option that switches it on, for messages.
-    flag = "token_aug_alpha"
+    layout: ClassVar[str] = "tokens"
+    flag: ClassVar[str] = "token_aug_alpha"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -54,6 +52,11 @@ class TokenReplacementConfig:
     @property
     def enabled(self) -> bool:
         return self.alpha > 0
+
+    @property
+    def stored_fraction(self) -> float:
+        """About what the sidecar stores, as a fraction of the cached activations (the replacement tokens)."""
+        return self.alpha
 
     def build(self, adapter: BlockAdapter) -> TokenReplacementSidecar:
         """The sidecar these options ask for, for the special tokens of `adapter`'s model."""
