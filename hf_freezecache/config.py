@@ -108,12 +108,15 @@ class FreezeCacheArguments:
     discard_positions: str | None = flat_option(DiscardConfig, "positions")
     cache_dir: str | None = flat_option(DiscardConfig, "cache_dir")
     cache_codec: str = flat_option(CacheConfig, "codec")
+    cache_bits: int = flat_option(CacheConfig, "bits")
+    cache_entropy: str = flat_option(CacheConfig, "entropy")
     cache_tolerance: float = flat_option(CacheConfig, "tolerance")
     cache_tolerance_relative: bool = flat_option(CacheConfig, "tolerance_relative")
     cache_chunk_size: int = flat_option(CacheConfig, "chunk_size")
     cache_batch_size: int | None = flat_option(CacheConfig, "batch_size")
     cache_decode_threads: int = flat_option(CacheConfig, "decode_threads")
     cache_max_shard_size: str = flat_option(CacheConfig, "max_shard_size")
+    cache_memory: str = flat_option(CacheConfig, "memory")
     feature_augmentation: str = flat_option(DiscardConfig, "augmentation")
     feature_flip_probability: float = flat_option(FeatureMapAugmentationConfig, "flip_probability")
     feature_crop_padding: float = flat_option(FeatureMapAugmentationConfig, "crop_padding")
@@ -186,4 +189,3 @@ class FreezeCacheArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
-

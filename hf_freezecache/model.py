@@ -162,7 +162,7 @@ class FreezeCacheModel(nn.Module):
         if not set(range(position)) <= self.frozen_blocks:
             raise ValueError(f"Blocks 0-{position - 1} must be frozen before they are discarded.")
         self.discarded_position = position
-        device = self._training_device()
+        device = self.training_device
         target = torch.device(offload_to) if offload_to is not None else None
         if target is not None and target != device:
             self._offloaded_from = device
@@ -226,7 +226,9 @@ class FreezeCacheModel(nn.Module):
         target = self.base_model.get_submodule(self._adapter_path)
         return self.adapter if self.adapter.model is target else self.adapter.bind(target)
 
-    def _training_device(self) -> torch.device:
+    @property
+    def training_device(self) -> torch.device:
+        """Where the blocks that train are (a discarded prefix may wait elsewhere)."""
         position = min(self.discarded_position, self.num_blocks - 1)
         return next(iter(self.adapter.blocks[position].parameters())).device
 

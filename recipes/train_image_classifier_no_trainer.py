@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         train_loader.set_epoch(epoch)
         model.train()  # frozen blocks stay in eval mode (FreezeCacheModel.train)
         for step, batch in enumerate(train_loader):
+            batch = collator.finish(batch, accelerator.device)  # cached batches are decoded on the device
             loss = model(**batch).loss
             accelerator.backward(loss)
             if args.max_grad_norm > 0:

@@ -89,4 +89,10 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    try:
+        main(sys.argv[1])
+    finally:
+        # The last build fails on purpose; the gloo group must go before the interpreter does, or its threads may
+        # abort the process at exit ("terminate called without an active exception") after the traceback.
+        if dist.is_initialized():
+            dist.destroy_process_group()

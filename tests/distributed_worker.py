@@ -30,6 +30,7 @@ class ProcessReport(TrainerCallback):
             "world_size": args.world_size,
             "global_step": state.global_step,
             "cache_decode_calls": dataset.cached.cache.decode_calls if dataset.cached is not None else 0,
+            "cache_memory": dataset.cached.memory if dataset.cached is not None else None,
             # Parameters, not buffers: BatchNorm statistics of the training blocks are each process's own since the
             # last forward (DDP broadcasts them from process 0 at the start of every forward).
             "parameters_hash": tensors_hash(model.parameters()),

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 import zfpy
+import zstandard
 
 from hf_freezecache.cache.codecs import CODECS, ActivationCodec, build_codec
 from hf_freezecache.cache.codecs.int8 import Int8Codec
+from hf_freezecache.cache.codecs.lowbit import LowBitCodec
 from hf_freezecache.cache.codecs.zfp import ZfpCodec
 from hf_freezecache.models import get_block_adapter, load_cifar_resnet
 
 
 @pytest.fixture(scope="module")
 def activations(resnet20_weights, cifar_batch) -> dict[str, np.ndarray]:
+    return real_activations(resnet20_weights, cifar_batch)
+
+
+def real_activations(resnet20_weights, cifar_batch) -> dict[str, np.ndarray]:
     """16 images' activations: ResNet-20 after blocks 3 (16x32x32) and 6 (32x16x16), ViT tokens after block 1."""
     import transformers
 
@@ -56,6 +63,7 @@ CODEC_CONFIGS = [
     {"name": "int8", "level": 19},
     {"name": "zfp", "tolerance": 0.05, "relative": True},
     {"name": "zfp", "tolerance": 0.01, "relative": False},
+    *({"name": "lowbit", "bits": bits, "entropy": entropy} for bits in (2, 4, 8) for entropy in ("none", "zstd")),
 ]
 
 
@@ -89,6 +97,67 @@ def test_config_is_json_and_rebuilds_the_codec(activations, config):
     data = codec.encode(chunk)
     assert rebuilt.encode(chunk) == data
     assert np.array_equal(rebuilt.decode(data, chunk.shape), codec.decode(data, chunk.shape))
+
+
+def test_every_registered_codec_is_tested():
+    assert {config["name"] for config in CODEC_CONFIGS} == set(CODECS.names())
+
+
+def _stack(fields: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """The fields of several chunks as `(n, length)` tensors, as the reader hands them to `expand`."""
+    return {name: torch.from_numpy(np.stack([f[name] for f in fields])) for name in fields[0]}
+
+
+@pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
+@pytest.mark.parametrize("config", CODEC_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_unpack_returns_the_declared_fields(activations, config, source):
+    h = activations[source]
+    codec = build_codec(config).resolve(h)
+    for chunk in (h[:4], h[:3], h[:1]):
+        data = codec.encode(chunk)
+        declared = codec.packed_fields(chunk.shape)
+        for fields in (codec.unpack(data, chunk.shape), codec.unpack(memoryview(data), chunk.shape)):
+            assert list(fields) == list(declared)
+            for name, array in fields.items():
+                assert (len(array), array.dtype) == declared[name] and array.ndim == 1, name
+                assert array.flags.c_contiguous and array.flags.writeable, name
+        # Device-decodable codecs ship fewer bytes than the float32 values; the others ship the float32 values.
+        field_bytes = sum(length * dtype.itemsize for length, dtype in declared.values())
+        assert (field_bytes < chunk.nbytes) == codec.device_decodable, (codec, field_bytes, chunk.nbytes)
+
+
+@pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
+@pytest.mark.parametrize("config", CODEC_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_expand_of_stacked_chunks_is_their_decode(activations, config, source):
+    h = activations[source][:14]  # chunks of 4, 4, 4 and a short last one of 2
+    codec = build_codec(config).resolve(h)
+    chunks = _chunks(h, 4)
+    payloads = [codec.encode(chunk) for chunk in chunks]
+    decoded = [codec.decode(data, chunk.shape) for data, chunk in zip(payloads, chunks, strict=True)]
+    full = chunks[0].shape
+    fields = [codec.unpack(data, chunk.shape) for data, chunk in zip(payloads, chunks, strict=True)]
+    # The short chunk's fields, zero-padded at the end to a full chunk's lengths.
+    lengths = codec.packed_fields(full)
+    fields[-1] = {name: np.pad(array, (0, lengths[name][0] - len(array))) for name, array in fields[-1].items()}
+    expanded = codec.expand(_stack(fields), full)
+    assert expanded.shape == (len(chunks), *full) and expanded.dtype == torch.float32
+    for i, values in enumerate(decoded):
+        assert np.array_equal(expanded[i, : len(values)].numpy(), values), i
+    # decode is expand(unpack) on one chunk.
+    assert np.array_equal(codec.expand(_stack(fields[:1]), full)[0].numpy(), decoded[0])
+
+
+@pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
+def test_int8_expand_gives_the_values_of_numpy_decoding(activations, source):
+    codec = Int8Codec()
+    chunk = activations[source][:4]
+    fields = codec.unpack(codec.encode(chunk), chunk.shape)
+    broadcast = [1] * chunk.ndim
+    broadcast[1 if chunk.ndim == 4 else -1] = -1
+    expected = fields["codes"].reshape(chunk.shape).astype(np.float32)
+    expected *= fields["scales"].reshape(broadcast)
+    expected += fields["mins"].reshape(broadcast)
+    assert np.array_equal(codec.decode(codec.encode(chunk), chunk.shape).view(np.uint32), expected.view(np.uint32))
 
 
 @pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
@@ -204,6 +273,16 @@ def test_int8_constant_channels_decode_exactly(activations):
     assert np.array_equal(codec.decode(codec.encode(constant), constant.shape), constant)
 
 
+def test_int8_refuses_payloads_with_non_finite_or_negative_scales():
+    codec = Int8Codec()
+    chunk = np.random.default_rng(0).standard_normal((2, 3, 4, 4), dtype=np.float32)
+    payload = zstandard.ZstdDecompressor().decompress(codec.encode(chunk))
+    for at, value, message in [(8, np.nan, "offsets are not all finite"), (20, -1.0, "scales are not all finite")]:
+        corrupt = payload[:at] + struct.pack("<f", value) + payload[at + 4 :]
+        with pytest.raises(ValueError, match=message):
+            codec.decode(zstandard.ZstdCompressor().compress(corrupt), chunk.shape)
+
+
 def test_int8_and_zfp_reject_non_finite_values():
     chunk = np.zeros((2, 3, 4, 4), np.float32)
     chunk[1, 1, 1, 1] = np.inf
@@ -213,7 +292,9 @@ def test_int8_and_zfp_reject_non_finite_values():
         ZfpCodec(0.1, relative=False).encode(chunk)
 
 
-@pytest.mark.parametrize("codec", [Int8Codec(), ZfpCodec(0.05)], ids=["int8", "zfp"])
+@pytest.mark.parametrize(
+    "codec", [Int8Codec(), ZfpCodec(0.05), LowBitCodec(2), LowBitCodec(4, "zstd")], ids=["int8", "zfp", "lb2", "lb4z"]
+)
 def test_one_codec_encodes_and_decodes_from_many_threads(activations, codec):
     h = activations["cnn3"]
     codec = codec.resolve(h)
@@ -231,7 +312,7 @@ def test_one_codec_encodes_and_decodes_from_many_threads(activations, codec):
 
 
 def test_invalid_configs_name_the_problem():
-    with pytest.raises(ValueError, match="'nope'.*bf16, fp16, int8, none, zfp"):
+    with pytest.raises(ValueError, match="'nope'.*bf16, fp16, int8, lowbit, none, zfp"):
         build_codec({"name": "nope"})
     with pytest.raises(ValueError, match="name"):
         build_codec({"tolerance": 0.1})

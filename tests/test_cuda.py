@@ -45,3 +45,33 @@ def test_the_measurement_of_a_discarded_state_leaves_the_offloaded_prefix_out(ci
     assert discarded.model_bytes < whole.model_bytes
     assert discarded.activation_bytes < whole.activation_bytes
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("memory", ["device", "host", "disk"])
+@pytest.mark.parametrize("codec", [{"name": "lowbit", "bits": 4}, {"name": "int8"}, {"name": "bf16"}])
+def test_packed_batches_decode_on_the_gpu_to_the_host_path_values(codec, memory, tmp_path):
+    from test_device_path import BATCH, _build
+
+    from hf_freezecache.cache import ActivationCache, CachedActivationDataset, ChunkShuffleSampler
+    from hf_freezecache.data import load_image_classification
+    from hf_freezecache.discard import FreezeCacheCollator
+    from hf_freezecache.models import get_block_adapter
+
+    data = load_image_classification(max_train_samples=46, augment=True)
+    adapter = get_block_adapter(CifarResNet.from_name("resnet20").eval())
+    cache: ActivationCache = _build(adapter, 3, data, tmp_path / "c", codec, [])
+    host = CachedActivationDataset(cache, memory="disk")
+    reading = CachedActivationDataset(cache, memory=memory, device="cuda", decode_on_device=True)
+    collator = FreezeCacheCollator()
+    order = list(ChunkShuffleSampler(reading, BATCH, seed=0))
+    for start in range(0, len(order), BATCH):
+        indices = order[start : start + BATCH]
+        batch = collator(reading.__getitems__(indices))
+        if memory != "device":
+            batch["prefix_activations"] = batch["prefix_activations"].pin_memory()
+        finished = collator.finish(batch, "cuda")
+        assert finished["prefix_activations"].is_cuda and finished["labels"].is_cuda
+        expected = torch.stack([item["prefix_activations"] for item in host.__getitems__(indices)])
+        assert torch.equal(finished["prefix_activations"].cpu(), expected)
+    if memory == "device":
+        assert reading.memory_summary()["held_on"].startswith("cuda")

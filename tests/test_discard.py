@@ -159,13 +159,13 @@ def test_evaluation_and_saved_model_are_the_whole_model(data, tmp_path):
         assert torch.equal(fresh(batch["pixel_values"]).logits, model(pixel_values=batch["pixel_values"]).logits)
 
 
-def test_each_chunk_decoded_once_per_epoch(data, tmp_path):
+def test_each_chunk_decoded_once_per_epoch(data, tmp_path, monkeypatch):
     adapter, _ = _adapter_and_batch(data)
     _build(data, adapter, tmp_path / "cache", chunk_size=4)
     cache = ActivationCache.load(tmp_path / "cache")
     decoded: list[int] = []
-    decode = cache.decode
-    cache.decode = lambda chunk: decoded.append(chunk) or decode(chunk)
+    unpack = cache.unpack
+    monkeypatch.setattr(cache, "unpack", lambda chunk: decoded.append(chunk) or unpack(chunk))
     for batch_size in (32, 30):  # 30: chunks straddle batches and must still be decoded once
         dataset = CachedActivationDataset(cache, decode_threads=2)
         sampler = ChunkShuffleSampler(dataset, batch_size, seed=1)
@@ -321,22 +321,49 @@ def test_unwritable_or_full_destination_fails_before_training(data, tmp_path):
 
 
 def test_resume_after_discard_reuses_or_rebuilds_the_cache(data, tmp_path):
-    full = _trainer(data, tmp_path / "full", epochs=3, discard=True)
+    # Device memory: the resumed run loads the cache into memory again and draws the same augmentation.
+    memory = "device"
+    options = dict(discard=True, cache_memory=memory, cache_codec="lowbit", feature_augmentation="feature-maps")
+    full = _trainer(data, tmp_path / "full", epochs=3, **options)
     full.train()
     run = tmp_path / "run"
-    first = _trainer(data, run, epochs=3, save="epoch", discard=True)
+    first = _trainer(data, run, epochs=3, save="epoch", **options)
     first.train()
     checkpoint = run / "checkpoint-12"  # after epoch 2, taken after the discard at the start of epoch 2
     for rebuild in (False, True):
         if rebuild:
             shutil.rmtree(run / "activation_cache")
-        resumed = _trainer(data, run, epochs=3, save="no", discard=True)
+        resumed = _trainer(data, run, epochs=3, save="no", **options)
         resumed.train(resume_from_checkpoint=str(checkpoint))
         assert resumed.discarder.position == 3
+        assert resumed.train_dataset.cached.memory == memory
         assert resumed.freeze_callback.report.states[-1].discarded_prefix == 3
         for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
     assert os.path.isdir(run / "activation_cache" / "position-03")
+
+
+def test_every_memory_mode_trains_bit_identical_weights(data, tmp_path):
+    """Decoding and augmentation run in the training process whatever the memory mode, so the random draws and the
+    decoded values are the same: so are the weights."""
+    weights = {}
+    for memory in ("disk", "host", "device"):
+        trainer = _trainer(
+            data,
+            tmp_path / memory,
+            discard=True,
+            cache_memory=memory,
+            cache_codec="lowbit",
+            feature_augmentation="feature-maps",
+            feature_noise_std=0.05,
+        )
+        trainer.train()
+        assert trainer.train_dataset.cached.memory == memory
+        summary = trainer.freeze_callback.report.states[-1].cache
+        assert summary["memory"] == memory and (summary["held_bytes"] > 0) == (memory != "disk")
+        weights[memory] = trainer.model.state_dict()
+    for name, tensor in weights["disk"].items():
+        assert torch.equal(tensor, weights["host"][name]) and torch.equal(tensor, weights["device"][name]), name
 
 
 def test_two_discard_points_build_each_cache_from_images(data, tmp_path):
@@ -362,7 +389,7 @@ def test_discard_positions_and_bad_options(caplog):
     with caplog.at_level("WARNING", logger="hf_freezecache.config"):
         FreezeCacheArguments(discard_positions="3")
     assert "--discard_positions 3 is ignored without --discard true" in caplog.text
-    with pytest.raises(ValueError, match="'lz4'.*bf16, fp16, int8, none, zfp"):
+    with pytest.raises(ValueError, match="'lz4'.*bf16, fp16, int8, lowbit, none, zfp"):
         FreezeCacheArguments(discard=True, cache_codec="lz4")
     with pytest.raises(ValueError, match="--cache_chunk_size must be at least 1, got 0"):
         FreezeCacheArguments(discard=True, cache_chunk_size=0)

@@ -49,17 +49,20 @@ def _accelerate() -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, resnet20_weights):
-    """The same training run with 2 processes under `accelerate launch`, and with 1 process."""
+    """The same training run with 2 processes under `accelerate launch` (reading the cache from host memory, and
+    from device memory with the lowbit codec), and with 1 process (from disk)."""
     root = tmp_path_factory.mktemp("distributed")
     worker = str(ROOT / "tests" / "distributed_worker.py")
     launch = [_accelerate(), "launch", "--config_file", str(ACCELERATE_CONFIG), worker]
-    _run([*launch, *_arguments(root / "two", resnet20_weights)])
-    _run([sys.executable, worker, *_arguments(root / "one", resnet20_weights)])
-    return root / "two", root / "one"
+    _run([*launch, *_arguments(root / "two", resnet20_weights), "--cache_memory", "host"])
+    device = ["--cache_memory", "device", "--cache_codec", "lowbit"]
+    _run([*launch, *_arguments(root / "two-device", resnet20_weights), *device])
+    _run([sys.executable, worker, *_arguments(root / "one", resnet20_weights), "--cache_memory", "disk"])
+    return root / "two", root / "one", root / "two-device"
 
 
 def test_cache_built_by_two_processes_equals_the_single_process_cache(runs):
-    two, one = (run / "activation_cache" / "position-03" for run in runs)
+    two, one = (run / "activation_cache" / "position-03" for run in runs[:2])
     manifest_two, manifest_one = CacheManifest.load(two), CacheManifest.load(one)
     assert (manifest_two.num_processes, manifest_one.num_processes) == (2, 1)
     assert len(manifest_two.shards) == 2  # each process wrote its own shard
@@ -74,9 +77,11 @@ def test_cache_built_by_two_processes_equals_the_single_process_cache(runs):
             assert a == b, (name, index)  # encoded bytes, or label/index lists
 
 
-def test_training_proceeds_in_lockstep_on_both_processes(runs, resnet20_weights):
-    two, _ = runs
+@pytest.mark.parametrize("memory", ["host", "device"])
+def test_training_proceeds_in_lockstep_on_both_processes(runs, resnet20_weights, memory):
+    two = runs[0] if memory == "host" else runs[2]
     reports = [json.loads((two / f"process-{index}.json").read_text()) for index in (0, 1)]
+    assert {r["cache_memory"] for r in reports} == {memory}
     assert [r["process_index"] for r in reports] == [0, 1] and {r["world_size"] for r in reports} == {2}
     # 200 samples, 2 processes x 16 per step: 7 steps per epoch (the last one short), 2 epochs.
     assert {r["global_step"] for r in reports} == {14}

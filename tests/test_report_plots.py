@@ -135,7 +135,8 @@ def test_timeline_of_several_runs_and_the_recipe(tmp_path):
 
 @pytest.fixture(scope="module")
 def discard_run(tmp_path_factory):
-    """A tiny FreezeCacheTrainer run: blocks 0-2 freeze after epoch 1 and are discarded for epoch 2 (fp16 cache)."""
+    """A tiny FreezeCacheTrainer run: blocks 0-2 freeze after epoch 1 and are discarded for epoch 2 (fp16 cache,
+    read from disk: every batch's rows are unpacked in the training process, and timed)."""
     data = load_image_classification(max_train_samples=SAMPLES, max_eval_samples=32, augment=False)
     out = tmp_path_factory.mktemp("discard_run")
     set_seed(0)
@@ -154,7 +155,7 @@ def discard_run(tmp_path_factory):
         remove_unused_columns=False,
         seed=0,
     )
-    options = dict(freeze_policy="fixed", freeze_schedule="1:3", discard=True, cache_codec="fp16")
+    options = dict(freeze_policy="fixed", freeze_schedule="1:3", discard=True, cache_codec="fp16", cache_memory="disk")
     trainer = FreezeCacheTrainer(
         model=CifarResNet.from_name("resnet20", num_classes=10),
         args=args,

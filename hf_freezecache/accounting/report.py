@@ -211,8 +211,8 @@ class CostReport:
             lines += [
                 "",
                 "| cache position | codec | chunk | raw (MB) | stored (MB) | ratio | sidecars (MB) | build (s) | "
-                "one-off GFLOPs | decode (s) |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "one-off GFLOPs | decode (s) | read from (MB held) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for s in caches:
                 c = s.cache
@@ -224,7 +224,7 @@ class CostReport:
                     f"| {c['position']} | {c['codec']} | {c['chunk_size']} | {c['raw_bytes'] / 2**20:.1f} | "
                     f"{c['stored_bytes'] / 2**20:.1f} | {c['compression_ratio']:.2f}x | {sidecars} | "
                     f"{c['build_seconds']:.1f}"
-                    f"{reused} | {s.one_off_flops / 1e9:.1f} | {decode} |"
+                    f"{reused} | {s.one_off_flops / 1e9:.1f} | {decode} | {_held(c)} |"
                 )
         return "\n".join(lines) + "\n"
 
@@ -255,3 +255,11 @@ def _blocks(blocks: list[int]) -> str:
     if blocks == list(range(blocks[0], blocks[-1] + 1)):
         return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
     return ",".join(map(str, blocks))
+
+
+def _held(cache: dict[str, Any]) -> str:
+    """Where training read a cache from, and the bytes held there (caches summarised before memory modes: disk)."""
+    memory = cache.get("memory", "disk")
+    if memory == "disk":
+        return "disk"
+    return f"{cache['held_on']} ({cache['held_bytes'] / 2**20:.1f})"

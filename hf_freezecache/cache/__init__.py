@@ -2,14 +2,16 @@
 
 Data flows one way: `builder` runs the frozen prefix over images (and, for `sidecars`, over flipped or augmented
 images) and encodes chunks with a `codecs` codec into `datasets` shards described by a `manifest`; `reader` verifies
-and decodes them; `sampler` orders samples so each chunk is decoded once per epoch; `hub` exports a cache in the Hub
-dataset-repo layout, pushes it and loads it back. The builder, the reader and the Hub export all take the row
-columns from `manifest`, never from one another.
+and unpacks them; `dataset` serves their samples from disk, host memory or device memory (`memory`, `resident`) as
+`packed` batches that are decoded on the training device; `sampler` orders samples so each chunk is read once per
+epoch; `hub` exports a cache in the Hub dataset-repo layout, pushes it and loads it back. The builder, the reader
+and the Hub export all take the row columns from `manifest`, never from one another.
 """
 
 from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds
 from .codecs import CODECS, ActivationCodec, build_codec, register_codec
 from .compatibility import check_cache_fits_model
+from .dataset import CachedActivationDataset
 from .hub import export_cache, load_cache, push_cache_to_hub
 from .manifest import (
     CacheManifest,
@@ -18,12 +20,15 @@ from .manifest import (
     dataset_fingerprint,
     fingerprint_parts,
 )
-from .reader import ActivationCache, CachedActivationDataset
+from .memory import MEMORY_MODES, choose_memory
+from .packed import PackedBatch, PackedSample
+from .reader import ActivationCache
 from .sampler import ChunkShuffleSampler
 from .sidecars import SIDECARS, Sidecar, build_sidecar
 
 __all__ = [
     "CODECS",
+    "MEMORY_MODES",
     "ActivationCache",
     "ActivationCodec",
     "CacheManifest",
@@ -33,11 +38,14 @@ __all__ = [
     "SIDECARS",
     "Sidecar",
     "CorruptCacheError",
+    "PackedBatch",
+    "PackedSample",
     "build_activation_cache",
     "build_codec",
     "build_sidecar",
     "check_cache_fits_model",
     "check_destination",
+    "choose_memory",
     "dataset_fingerprint",
     "export_cache",
     "fingerprint_parts",

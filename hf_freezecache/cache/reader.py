@@ -1,14 +1,10 @@
-"""Reads an activation cache back: verified on load, decoded a chunk at a time on a thread pool."""
+"""Reads an activation cache back: verified on load, then unpacked (or decoded) a row at a time."""
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import datasets
@@ -16,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset
 
 from .codecs import ActivationCodec, build_codec
 from .manifest import (
@@ -28,7 +23,11 @@ from .manifest import (
     describe_mismatch,
     verify_shards,
 )
+from .packed import ArrayLayout, Int32Values
 from .sidecars import SIDECAR_COLUMN_PREFIX
+
+#: The array of the activations themselves, next to the sidecar arrays (named by the manifest).
+DATA = "data"
 
 
 class ActivationCache:
@@ -53,8 +52,14 @@ class ActivationCache:
         for column in cache_features(manifest):
             if rows.data.column(column).null_count:
                 raise CorruptCacheError(f"{folder}: column {column!r} has empty (null) rows.")
-        self._data = rows.data.column("data")
-        self._sidecars = {name: rows.data.column(SIDECAR_COLUMN_PREFIX + name) for name in manifest.sidecar_arrays}
+        columns = {DATA: DATA, **{name: SIDECAR_COLUMN_PREFIX + name for name in manifest.sidecar_arrays}}
+        self._payloads = {name: _PayloadColumn(rows.data.column(column)) for name, column in columns.items()}
+        full = min(manifest.chunk_size, manifest.num_samples)
+        self.layouts: dict[str, ArrayLayout] = {DATA: ArrayLayout(self.codec, (full, *manifest.sample_shape))}
+        for name, spec in manifest.sidecar_arrays.items():
+            decoder = self.codec if spec["dtype"] == "float32" else Int32Values()
+            self.layouts[name] = ArrayLayout(decoder, (full, *spec["shape"]))
+        self.in_memory = False
         # Row r must hold samples r*chunk_size.. in order, so that decode() knows each row's shape from the manifest.
         starts = np.arange(manifest.num_chunks) * manifest.chunk_size
         sizes = np.minimum(starts + manifest.chunk_size, manifest.num_samples) - starts
@@ -133,54 +138,75 @@ class ActivationCache:
         start = chunk * self.chunk_size
         return range(start, min(start + self.chunk_size, self.num_samples))
 
-    def decode(self, chunk: int) -> np.ndarray:
-        """Activations of the samples of row `chunk`, float32, shape `(len(chunk_samples(chunk)), *sample_shape)`.
+    def field_lengths(self) -> dict[str, dict[str, tuple[int, np.dtype]]]:
+        """Per array (`"data"`, then the sidecar arrays), the fields `unpack` gives for a full row: (length, dtype)."""
+        return {name: layout.decoder.packed_fields(layout.chunk_shape) for name, layout in self.layouts.items()}
+
+    def unpack(self, chunk: int) -> dict[str, dict[str, np.ndarray]]:
+        """The fields of every array of row `chunk` (`ActivationCodec.unpack`), for decoding on any device.
 
         Thread-safe: codecs keep per-thread (de)compressor state.
 
         Raises:
-            CorruptCacheError: the row's payload does not decode to that shape (the codec checks the size it
-                declares before decompressing).
+            CorruptCacheError: a payload does not fit the row's shape (checked before anything is allocated from it).
+        """
+        start = time.perf_counter()
+        fields = {name: self._unpack_array(name, chunk) for name in self.layouts}
+        self._count(time.perf_counter() - start)
+        return fields
+
+    def _unpack_array(self, name: str, chunk: int) -> dict[str, np.ndarray]:
+        layout = self.layouts[name]
+        shape = (len(self.chunk_samples(chunk)), *layout.chunk_shape[1:])
+        try:
+            return layout.decoder.unpack(self._payloads[name][chunk], shape)
+        except ValueError as error:
+            column = DATA if name == DATA else SIDECAR_COLUMN_PREFIX + name
+            raise CorruptCacheError(f"{self.folder}: {column!r} of row {chunk} cannot be decoded: {error}") from error
+
+    def decode(self, chunk: int) -> np.ndarray:
+        """Activations of the samples of row `chunk`, float32, shape `(len(chunk_samples(chunk)), *sample_shape)`.
+
+        Raises:
+            CorruptCacheError: the row's payload does not decode to that shape.
         """
         start = time.perf_counter()
         shape = (len(self.chunk_samples(chunk)), *self.manifest.sample_shape)
-        array = self._decode_payload(self._data[chunk].as_py(), shape, chunk, "data")
-        elapsed = time.perf_counter() - start
-        with self._lock:
-            self.decode_calls += 1
-            self.decode_seconds += elapsed
+        try:
+            array = self.codec.decode(self._payloads[DATA][chunk], shape)
+        except ValueError as error:
+            raise CorruptCacheError(f"{self.folder}: 'data' of row {chunk} cannot be decoded: {error}") from error
+        self._count(time.perf_counter() - start)
         return array
 
     def decode_sidecars(self, chunk: int) -> dict[str, np.ndarray]:
         """The sidecar arrays of the samples of row `chunk`, by name, each `(samples, *array_shape)` (empty when the
-        cache has no sidecar). Float arrays are decoded with the codec; int32 arrays are checked for their size."""
-        if not self._sidecars:
-            return {}
-        start = time.perf_counter()
-        samples = len(self.chunk_samples(chunk))
+        cache has no sidecar): float arrays float32 (decoded with the codec), int arrays int64."""
         arrays = {}
-        for name, spec in self.manifest.sidecar_arrays.items():
-            shape = (samples, *spec["shape"])
-            blob = self._sidecars[name][chunk].as_py()
-            if spec["dtype"] == "float32":
-                arrays[name] = self._decode_payload(blob, shape, chunk, SIDECAR_COLUMN_PREFIX + name)
-                continue
-            if len(blob) != 4 * math.prod(shape):
-                raise CorruptCacheError(
-                    f"{self.folder}: sidecar {name!r} of row {chunk} holds {len(blob)} bytes, {4 * math.prod(shape)} "
-                    "expected."
-                )
-            arrays[name] = np.frombuffer(blob, dtype="<i4").reshape(shape).astype(np.int64)
-        elapsed = time.perf_counter() - start
-        with self._lock:
-            self.decode_seconds += elapsed
+        for name, layout in self.layouts.items():
+            if name != DATA:
+                fields = {key: torch.from_numpy(value)[None] for key, value in self._unpack_array(name, chunk).items()}
+                shape = (len(self.chunk_samples(chunk)), *layout.chunk_shape[1:])
+                arrays[name] = layout.decoder.expand(fields, shape)[0].numpy()
         return arrays
 
-    def _decode_payload(self, blob: bytes, shape: tuple[int, ...], chunk: int, column: str) -> np.ndarray:
-        try:
-            return self.codec.decode(blob, shape)
-        except ValueError as error:
-            raise CorruptCacheError(f"{self.folder}: {column!r} of row {chunk} cannot be decoded: {error}") from error
+    def load_into_memory(self) -> int:
+        """Copies every row's payload from the memory-mapped shards into process memory, so that reading a row no
+        longer touches the files; returns the bytes now held."""
+        for column in self._payloads.values():
+            column.load_into_memory()
+        self.in_memory = True
+        return self.memory_bytes
+
+    @property
+    def memory_bytes(self) -> int:
+        """Payload bytes held in process memory (0 while the rows are read from the memory-mapped shards)."""
+        return sum(column.memory_bytes for column in self._payloads.values())
+
+    def _count(self, seconds: float) -> None:
+        with self._lock:
+            self.decode_calls += 1
+            self.decode_seconds += seconds
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -238,69 +264,33 @@ def _check_schema(path: str, schema: pa.Schema, expected: pa.Schema) -> None:
             raise CorruptCacheError(f"Cache shard {path}: column {field.name!r} is {found}, expected {field.type}.")
 
 
-class CachedActivationDataset(Dataset):
-    """Samples of an `ActivationCache` as a map-style dataset of the training set's length.
+class _PayloadColumn:
+    """Row payloads of a binary Arrow column, as zero-copy `memoryview`s (of the memory-mapped shard, or of a copy in
+    process memory after `load_into_memory`): `as_py` would copy every payload into a new `bytes`."""
 
-    Item `i` is sample `i` of the training split: `{"prefix_activations": float32 tensor, "labels": int}`, plus
-    `"sidecar.<name>"` tensors when the cache stores sidecar arrays.
-    `__getitems__` (used by `DataLoader` for a whole batch) decodes each chunk the batch needs once, on a thread
-    pool, and keeps the chunks of the previous batch so a chunk split across two consecutive batches is not
-    decoded twice. With the `ChunkShuffleSampler` every chunk is then decoded once per epoch.
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self._pieces = [self._views(piece) for piece in column.chunks if len(piece)]
+        self._starts = np.cumsum([0] + [len(offsets) - 1 for offsets, _ in self._pieces])
+        self.memory_bytes = 0
 
-    Args:
-        cache (`ActivationCache`): The cache.
-        decode_threads (`int`): Threads decoding chunks of one batch in parallel.
-    """
+    @staticmethod
+    def _views(piece: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        _, offsets, values = piece.buffers()
+        offsets = np.frombuffer(offsets, dtype=np.int32)[piece.offset : piece.offset + len(piece) + 1]
+        return offsets.astype(np.int64), np.frombuffer(values, dtype=np.uint8) if values is not None else np.zeros(
+            0, np.uint8
+        )
 
-    def __init__(self, cache: ActivationCache, decode_threads: int = 2) -> None:
-        self.cache = cache
-        self.decode_threads = decode_threads
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid: int | None = None
-        self._recent: OrderedDict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = OrderedDict()
+    def load_into_memory(self) -> None:
+        pieces = []
+        for offsets, values in self._pieces:
+            held = values[offsets[0] : offsets[-1]].copy()
+            pieces.append((offsets - offsets[0], held))
+        self._pieces = pieces
+        self.memory_bytes = sum(values.nbytes for _, values in pieces)
 
-    @property
-    def chunk_size(self) -> int:
-        return self.cache.chunk_size
-
-    def __len__(self) -> int:
-        return self.cache.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        size = self.chunk_size
-        needed = list(dict.fromkeys(int(i) // size for i in indices))
-        missing = [c for c in needed if c not in self._recent]
-        decoded = dict(zip(missing, self._decode_many(missing), strict=True))
-        decoded.update({c: self._recent[c] for c in needed if c in self._recent})
-        self._recent = OrderedDict((c, decoded[c]) for c in needed)
-        items = []
-        for index in indices:
-            chunk, offset = divmod(int(index), size)
-            activations, sidecars = decoded[chunk]
-            item = {
-                "prefix_activations": torch.from_numpy(activations[offset]),
-                "labels": int(self.cache.labels[index]),
-            }
-            for name, array in sidecars.items():
-                item[SIDECAR_COLUMN_PREFIX + name] = torch.from_numpy(array[offset])
-            items.append(item)
-        return items
-
-    def _decode(self, chunk: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return self.cache.decode(chunk), self.cache.decode_sidecars(chunk)
-
-    def _decode_many(self, chunks: list[int]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        if len(chunks) <= 1 or self.decode_threads <= 1:
-            return [self._decode(c) for c in chunks]
-        if self._pool is None or self._pool_pid != os.getpid():  # a DataLoader worker needs its own threads
-            self._pool = ThreadPoolExecutor(max_workers=self.decode_threads)
-            self._pool_pid = os.getpid()
-        return list(self._pool.map(self._decode, chunks))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_pool=None, _pool_pid=None, _recent=OrderedDict())
-        return state
+    def __getitem__(self, row: int) -> memoryview:
+        piece = int(np.searchsorted(self._starts, row, side="right")) - 1
+        offsets, values = self._pieces[piece]
+        local = row - int(self._starts[piece])
+        return memoryview(values[offsets[local] : offsets[local + 1]])

@@ -109,8 +109,8 @@ class PrefixDiscarder:
             count = len(self.cache_images)
             estimates = [estimate_cache_bytes(self.model, p, self.config, probe, count) for p in positions]
         needed = sum(estimates) if self._positions else max(estimates)
-        # The build writes an Arrow file and then its shards: twice the cache for a while.
-        check_destination(self.cache_folder(positions[0]), 2 * needed + max(estimates))
+        # Each shard is written once, so a build needs the cache's size and no more.
+        check_destination(self.cache_folder(positions[0]), needed)
 
     def discard(
         self,
@@ -142,17 +142,29 @@ class PrefixDiscarder:
                     probe=probe,
                 )
         self.cache = cache
-        self.train_dataset.cached = CachedActivationDataset(cache, decode_threads=self.config.cache.decode_threads)
+        reading = CachedActivationDataset(
+            cache,
+            decode_threads=self.config.cache.decode_threads,
+            memory=self.config.cache.memory,
+            device=self.model.training_device,
+            decode_on_device=True,
+            progress=settings.progress if settings is not None else True,
+        )
+        self.train_dataset.cached = reading
         self.collator.augmentation = requested_augmentation(self.config, self.model.adapter, cache.manifest)
         self.model.discard(position, offload_to=offload_to)
         m = cache.manifest
+        memory = reading.memory_summary()
         logger.info(
-            "Discarded blocks 0-%d: training reads %s (%s, %.2fx, %s).",
+            "Discarded blocks 0-%d: training reads %s (%s, %.2fx, %s) from %s memory (%.1f MB held on %s).",
             position - 1,
             cache.folder,
             m.codec["name"],
             m.compression_ratio,
             "reused" if reused else f"built in {m.build_seconds:.1f} s",
+            memory["memory"],
+            memory["held_bytes"] / 2**20,
+            memory["held_on"],
         )
         return {
             "position": position,
@@ -169,4 +181,5 @@ class PrefixDiscarder:
             "reused": reused,
             "sidecar_bytes": m.sidecar_bytes,
             "sidecars": {name: sidecar["config"] for name, sidecar in m.sidecars.items()},
+            **memory,
         }

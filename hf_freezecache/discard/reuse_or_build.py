@@ -133,7 +133,7 @@ def reuse_or_build_cache(
             except CacheMismatchError as error:
                 logger.warning("%s Rebuilding it.", error)
         if not reuse and main and probe is not None:
-            check_destination(folder, 2 * estimate_cache_bytes(model, position, config, probe, len(images)))
+            check_destination(folder, estimate_cache_bytes(model, position, config, probe, len(images)))
     if not broadcast_from_main(reuse, processes):
         build_activation_cache(
             model.adapter,

@@ -34,7 +34,8 @@ class FreezeCacheTrainer(Trainer):
       schedules, the optimizer and resumption continue exactly as without discarding;
     - the training sampler is a `ChunkShuffleSampler` (a plain seeded permutation while reading images, chunk-aware
       shuffling while reading a cache), seeded by `data_seed` or `seed` and the epoch;
-    - the collator handles cached-activation batches and applies the feature augmentation;
+    - the collator handles cached-activation batches: they reach the training device still compressed, and
+      `_prepare_inputs` decodes them there and applies the feature augmentation (`FreezeCacheCollator.finish`);
     - `evaluate`/`predict` bring a discarded prefix back, so evaluation measures the whole model on raw images;
     - `save_model` and checkpoints write the base model (`save_pretrained` for a transformers model, else its
       state dict as `model.safetensors`), which loads without hf_freezecache.
@@ -103,8 +104,14 @@ class FreezeCacheTrainer(Trainer):
             if args is None:
                 raise ValueError("Training from `activation_cache` needs `args`.")
             args.remove_unused_columns = False
-            threads = self.freeze_args.cache_decode_threads
-            train_dataset = DiscardableTrainDataset(None, cached=CachedActivationDataset(activation_cache, threads))
+            cached = CachedActivationDataset(
+                activation_cache,
+                decode_threads=self.freeze_args.cache_decode_threads,
+                memory=self.freeze_args.cache_memory,
+                device=args.device,
+                decode_on_device=True,
+            )
+            train_dataset = DiscardableTrainDataset(None, cached=cached)
         elif self.freeze_args.discard:
             if args is None or train_dataset is None:
                 raise ValueError("--discard true needs `args` and `train_dataset`.")
@@ -149,6 +156,12 @@ class FreezeCacheTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ChunkShuffleSampler(dataset, self.args.per_device_train_batch_size, seed=seed)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs = super()._prepare_inputs(inputs)
+        if isinstance(self.data_collator, FreezeCacheCollator):
+            inputs = self.data_collator.finish(inputs, self.args.device)
+        return inputs
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer saves `self.model` with `save_pretrained` when it is a transformers model and as a bare state dict

@@ -57,7 +57,9 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
       a discard). Both are absent with `--cost_report false`, the fraction also when blocks froze before step 1.
     - While training reads an activation cache: `cache_compression_ratio` and `cache_stored_mb` (MB of encoded
       activations) of that cache, `cache_build_seconds` (caches built by this run; reused ones cost nothing) and
-      `cache_decode_seconds` (decoding in the training process so far; absent when DataLoader workers decode).
+      `cache_decode_seconds` (host decoding in the training process so far; absent when DataLoader workers
+      decode; with `--cache_memory device` the rows are unpacked once, when the cache is loaded, and batches are
+      decoded on the device, so it stays near 0).
     - The policy's evidence, `<policy>/<quantity>_<block>` (`FreezePolicy.log_values`).
 
     Args:

@@ -54,7 +54,15 @@ def run_training(arguments: RunArguments, callbacks: list[TrainerCallback] | Non
             logger.info("No --eval_from_cache: training from a cache without evaluation.")
             training_args.eval_strategy = "no"
         threads = freeze_args.cache_decode_threads
-        eval_dataset = CachedActivationDataset(eval_cache, decode_threads=threads) if eval_cache else None
+        eval_dataset = None
+        if eval_cache is not None:
+            eval_dataset = CachedActivationDataset(
+                eval_cache,
+                decode_threads=threads,
+                memory=freeze_args.cache_memory,
+                device=training_args.device,
+                decode_on_device=True,
+            )
         trainer = FreezeCacheTrainer(
             model=model,
             args=training_args,

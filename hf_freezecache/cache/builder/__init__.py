@@ -4,7 +4,9 @@
   the first samples, the prefix's FLOPs;
 - `batches`: each process's share of the samples (`process_share`), through the prefix, a batch at a time;
 - `encode`: the batches cut into chunks, encoded on a thread pool into rows;
-- `shards`: a process's rows streamed into Arrow shards;
+- `shards`: rows streamed into Arrow shards, written once, in the `save_to_disk` layout;
+- `overlap`: a process's part: the prefix on the calling thread while earlier batches encode and a writer thread
+  writes their rows;
 - `gather`: the main process gathers the parts into one cache and writes its manifest;
 - `staging`: the destination checks, the staging folder, and the rename that publishes the cache.
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Generator, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..._random import seeded
 from ..sidecars import Sidecar
-from .prepare import PrefixRun, prefix_in_eval
+from .prepare import ComputedBatch, PrefixRun, prefix_in_eval
 
 
 def process_share(num_samples: int, unit: int, process_index: int, num_processes: int) -> range:
@@ -32,7 +33,8 @@ def prefix_batches(
     sidecars: Sequence[Sidecar] = (),
     augmented_dataset: Dataset | None = None,
     progress: str | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+    computed: Sequence[ComputedBatch] = (),
+) -> Generator[dict[str, np.ndarray], None, None]:
     """Runs the prefix over the samples `share`, a batch at a time, in order.
 
     Yields, per batch, `"data"` (float32 activations), `"labels"`, and every sidecar array by name.
@@ -45,12 +47,17 @@ def prefix_batches(
             with `needs_augmented_view`; sample `i` is drawn under a seed derived from the build seed and `i`, so it
             depends neither on the batch size nor on the processes.
         progress (`str`, *optional*): Description of a progress bar over the samples; None for no bar.
+        computed (`Sequence[ComputedBatch]`): The dataset's first batches and their activations, already computed
+            (by `prepare_build`): those that are whole batches of the share are neither read nor run through the
+            prefix again.
     """
+    reused = computed[: len(share) // run.batch_size] if share.start == 0 else ()
     bar = tqdm(total=len(share), desc=progress, unit="img", disable=progress is None)
     with seeded(run.seed), prefix_in_eval(run.adapter, run.position):
-        for local, batch in enumerate(run.loader(share)):
+        rest = run.loader(share[len(reused) * run.batch_size :])
+        for local, (batch, activations) in enumerate(itertools.chain(reused, ((b, None) for b in rest))):
             pixels = batch["pixel_values"].to(run.device)
-            activations = run(pixels).float()
+            activations = run(pixels).float() if activations is None else activations
             arrays: dict[str, np.ndarray] = {}
             if sidecars:
                 first = share.start + local * run.batch_size
@@ -61,11 +68,22 @@ def prefix_batches(
                         arrays[name] = value.cpu().numpy()
             bar.update(len(activations))
             yield {
-                "data": activations.cpu().numpy(),
+                "data": _to_host(activations),
                 "labels": np.asarray(batch["labels"]).reshape(-1),
                 **arrays,
             }
     bar.close()
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor` as a numpy array; from a GPU, copied through pinned memory (a direct DMA, faster than pageable)."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu().numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    # The encodes read the array on other threads, which do not wait on this stream: it must be complete here.
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host.numpy()
 
 
 def _augmented_view(run: PrefixRun, augmented_dataset: Dataset, indices: range) -> torch.Tensor:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -26,13 +24,14 @@ class PartStats:
     stored: int = 0
     sidecar_bytes: dict[str, int] = field(default_factory=dict)
 
-    def count(self, row: dict[str, Any]) -> None:
-        self.rows += 1
-        self.stored += len(row["data"])
-        for column, value in row.items():
+    def count(self, columns: dict[str, list]) -> None:
+        """Counts rows given by column (`EncodedRows.columns`)."""
+        self.rows += len(columns["data"])
+        self.stored += sum(len(payload) for payload in columns["data"])
+        for column, values in columns.items():
             if column.startswith(SIDECAR_COLUMN_PREFIX):
                 name = column[len(SIDECAR_COLUMN_PREFIX) :]
-                self.sidecar_bytes[name] = self.sidecar_bytes.get(name, 0) + len(value)
+                self.sidecar_bytes[name] = self.sidecar_bytes.get(name, 0) + sum(len(value) for value in values)
 
     def add(self, other: PartStats) -> None:
         self.rows += other.rows
@@ -55,53 +54,72 @@ class PartStats:
             return cls(**json.load(f))
 
 
+@dataclass
+class EncodedRows:
+    """Consecutive rows whose payloads may still be encoding on the pool.
+
+    Args:
+        payloads (`dict[str, list[Future]]`): Per column (`data`, `sidecar.<name>`), one encode per row.
+        labels (`list[list[int]]`): Per row, the labels of its samples.
+        indices (`list[list[int]]`): Per row, the indices of its samples.
+    """
+
+    payloads: dict[str, list[Future[bytes]]]
+    labels: list[list[int]]
+    indices: list[list[int]]
+
+    def columns(self) -> dict[str, list]:
+        """The rows by column, once their encodes are done; raises the first encode's error."""
+        columns: dict[str, list] = {name: [f.result() for f in futures] for name, futures in self.payloads.items()}
+        return {**columns, "labels": self.labels, "indices": self.indices}
+
+    def cancel(self) -> None:
+        """Cancels the encodes that have not started: the rows will not be written."""
+        for futures in self.payloads.values():
+            for future in futures:
+                future.cancel()
+
+
 def encoded_rows(
     batches: Iterable[dict[str, np.ndarray]],
     first_index: int,
     chunk_size: int,
     plan: BuildPlan,
-    threads: int,
-    stats: PartStats,
-) -> Iterator[dict[str, Any]]:
-    """Cuts consecutive batches (`prefix_batches`) into chunks of `chunk_size` samples and yields their rows.
+    pool: ThreadPoolExecutor,
+) -> Iterator[EncodedRows]:
+    """Cuts consecutive batches (`prefix_batches`) into chunks of `chunk_size` samples, submits their encodes to
+    `pool` and yields their rows, a batch's worth at a time, without waiting for the encodes.
 
-    Rows are `data` and `sidecar.<name>` (the encoded chunks, encoded on `threads` threads: zfp and zstd release the
-    GIL), `labels` and `indices` (sample indices from `first_index` on). A chunk may span batches; only the last
-    one may be shorter. Every row is counted in `stats`.
+    Rows are `data` and `sidecar.<name>` (the encoded chunks: zfp, zstd and numpy release the GIL, so the pool's
+    threads run beside the prefix), `labels` and `indices` (sample indices from `first_index` on). A chunk may span
+    batches; only the last one may be shorter.
     """
-    arrays = ["data", *plan.arrays]
-    columns = ["data", *(SIDECAR_COLUMN_PREFIX + name for name in plan.arrays)]
+    arrays = {"data": "data", **{SIDECAR_COLUMN_PREFIX + name: name for name in plan.arrays}}
 
     def encode(name: str, chunk: np.ndarray) -> bytes:
         if name == "data" or plan.arrays[name].dtype == "float32":
             return plan.codec.encode(np.ascontiguousarray(chunk, dtype=np.float32))
         return np.ascontiguousarray(chunk, dtype="<i4").tobytes()
 
-    def rows(
-        pool: ThreadPoolExecutor, pending: dict[str, np.ndarray], take: int, start: int
-    ) -> Iterator[dict[str, Any]]:
-        starts = range(0, take, chunk_size)
-        encoded = {
-            name: pool.map(encode, itertools.repeat(name), [pending[name][s : s + chunk_size] for s in starts])
-            for name in arrays
-        }
-        for s, *blobs in zip(starts, *encoded.values(), strict=True):
-            end = min(s + chunk_size, take)
-            row = dict(zip(columns, blobs, strict=True))
-            row["labels"] = pending["labels"][s:end].tolist()
-            row["indices"] = list(range(start + s, start + end))
-            stats.count(row)
-            yield row
+    def submit(pending: dict[str, np.ndarray], take: int, start: int) -> EncodedRows:
+        bounds = [(s, min(s + chunk_size, take)) for s in range(0, take, chunk_size)]
+        return EncodedRows(
+            payloads={
+                column: [pool.submit(encode, name, pending[name][s:end]) for s, end in bounds]
+                for column, name in arrays.items()
+            },
+            labels=[pending["labels"][s:end].tolist() for s, end in bounds],
+            indices=[list(range(start + s, start + end)) for s, end in bounds],
+        )
 
     pending: dict[str, np.ndarray] | None = None
     start = first_index
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for batch in batches:
-            pending = batch if pending is None else {k: np.concatenate([pending[k], v]) for k, v in batch.items()}
-            ready = len(pending["data"])
-            take = ready - ready % chunk_size
-            if take:
-                yield from rows(pool, pending, take, start)
-                pending, start = {k: v[take:] for k, v in pending.items()}, start + take
-        if pending is not None and len(pending["data"]):
-            yield from rows(pool, pending, len(pending["data"]), start)
+    for batch in batches:
+        pending = batch if pending is None else {k: np.concatenate([pending[k], v]) for k, v in batch.items()}
+        ready = len(pending["data"])
+        take = ready - ready % chunk_size
+        if take:
+            yield submit(pending, take, start)
+            pending, start = {k: v[take:] for k, v in pending.items()}, start + take
+    if pending is not None and len(pending["data"]):
+        yield submit(pending, len(pending["data"]), start)

@@ -5,25 +5,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 
 from ...models import model_source
-from ..manifest import CacheManifest, cache_fingerprint, file_sha256
+from ..manifest import CacheManifest, cache_fingerprint, file_sha256, row_features
 from ..sidecars import Sidecar
 from .encode import PartStats
 from .prepare import BuildPlan, PrefixRun
+from .shards import shard_names, write_dataset_files
 from .staging import Staging
 
 
-def gather_parts(staging: Staging, num_parts: int) -> tuple[PartStats, dict[str, str]]:
+def gather_parts(staging: Staging, num_parts: int, plan: BuildPlan) -> tuple[PartStats, dict[str, str]]:
     """Moves the processes' shards, in process order, into one `save_to_disk` folder `staging.final`.
+
+    Shards are renamed, never copied: each is written once, by its process.
 
     Returns:
         The totals of the parts' statistics, and the sha256 of each gathered shard by file name, in row order.
     """
     totals = PartStats()
-    sources, state, info = [], None, None
+    sources = []
     for rank in range(num_parts):
         part = staging.part(rank)
         stats = PartStats.load(part)
@@ -34,22 +36,13 @@ def gather_parts(staging: Staging, num_parts: int) -> tuple[PartStats, dict[str,
                 "share."
             )
         totals.add(stats)
-        if not stats.rows:
-            continue
         with open(os.path.join(part, "state.json")) as f:
-            part_state = json.load(f)
-        sources += [os.path.join(part, entry["filename"]) for entry in part_state["_data_files"]]
-        state = state or part_state
-        info = info or os.path.join(part, "dataset_info.json")
+            sources += [os.path.join(part, entry["filename"]) for entry in json.load(f)["_data_files"]]
     os.makedirs(staging.final)
-    files = [f"data-{index:05d}-of-{len(sources):05d}.arrow" for index in range(len(sources))]
+    files = shard_names(len(sources))
     for source, name in zip(sources, files, strict=True):
         os.rename(source, os.path.join(staging.final, name))
-    shutil.copy(info, os.path.join(staging.final, "dataset_info.json"))
-    # `datasets.load_from_disk` reads the shard list from state.json: rewritten for the gathered shards.
-    state.update(_data_files=[{"filename": name} for name in files], _fingerprint=staging.fingerprint)
-    with open(os.path.join(staging.final, "state.json"), "w") as f:
-        json.dump(state, f, indent=2)
+    write_dataset_files(staging.final, files, row_features(plan.arrays), staging.fingerprint, totals.rows)
     return totals, {name: file_sha256(os.path.join(staging.final, name)) for name in files}
 
 

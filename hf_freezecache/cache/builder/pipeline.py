@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,10 +18,10 @@ from ..codecs import ActivationCodec
 from ..manifest import CacheManifest, cache_fingerprint
 from ..sidecars import Sidecar
 from .batches import prefix_batches, process_share
-from .encode import PartStats, encoded_rows
+from .encode import PartStats
 from .gather import cache_manifest, gather_parts
+from .overlap import write_part
 from .prepare import PrefixRun, check_build_options, prepare_build
-from .shards import write_part
 from .staging import Staging
 
 logger = logging.getLogger(__name__)
@@ -51,10 +51,12 @@ def build_activation_cache(
 
     Samples are taken in dataset order, without shuffling; `dataset` must give the preprocessed training images
     *without* random augmentation (the cache stores one version of each sample). Every `chunk_size` consecutive
-    samples are encoded together into one row. Rows are streamed to disk (memory holds one batch of activations
-    and a bounded writer buffer, never the whole cache), into `<folder>.partial-<id>`, which becomes `folder` only
-    once the shards, their checksums and the manifest are complete: an interrupted build leaves no folder that
-    looks like a cache. An existing `folder` is replaced.
+    samples are encoded together into one row. The prefix runs while the previous batches are encoded (on
+    `encode_threads` threads) and written (on a writer thread), so a build costs little more than the prefix pass.
+    Rows are streamed to disk, each shard written once (memory holds a few batches of activations and a bounded
+    writer buffer, never the whole cache), into `<folder>.partial-<id>`, which becomes `folder` only once the
+    shards, their checksums and the manifest are complete: an interrupted build leaves no folder that looks like a
+    cache. An existing `folder` is replaced.
 
     With `processes` (e.g. `accelerate.PartialState()` under `accelerate launch`), every process must call this with
     the same arguments: each runs the prefix over its share of the samples (`process_share`) and writes its own
@@ -78,7 +80,8 @@ def build_activation_cache(
         device: Where the prefix runs (default: where its parameters are).
         num_workers (`int`): DataLoader workers reading images.
         encode_threads (`int`): Threads encoding chunks (zfp and zstd release the GIL).
-        max_shard_size (`str` or `int`): Largest Arrow shard (`Dataset.save_to_disk`).
+        max_shard_size (`str` or `int`): Largest Arrow shard, in bytes or as `Dataset.save_to_disk` takes it
+            (`"500MB"`).
         progress (`bool`): Show a progress bar (on the main process).
         sidecars (`Sequence[Sidecar]`): Extra per-sample arrays to store (`cache.sidecars`), each in its own
             `sidecar.<name>` column, float arrays encoded with the same (resolved) codec and chunking.
@@ -108,7 +111,7 @@ def build_activation_cache(
             device = torch.device(device) if device is not None else next(adapter.blocks[0].parameters()).device
             collate = collate_fn or default_collate
             run = PrefixRun(adapter, position, dataset, collate, batch_size, num_workers, device, seed)
-            plan = prepare_build(run, codec, sidecars)
+            plan, first_batches = prepare_build(run, codec, sidecars)
             staging = Staging(os.path.abspath(folder), cache_fingerprint(fingerprint_parts))
             if is_main:
                 staging.create()
@@ -118,16 +121,12 @@ def build_activation_cache(
             shown = f"Caching activations at block {position}" + (f" (process 0 of {world})" if world > 1 else "")
             bar = shown if progress and is_main else None
             stats = PartStats(sidecar_bytes=dict.fromkeys(plan.arrays, 0))
-
-            def rows() -> Iterator[dict[str, Any]]:
-                batches = prefix_batches(run, share, sidecars, augmented_dataset, bar)
-                return encoded_rows(batches, share.start, chunk_size, plan, encode_threads, stats)
-
-            write_part(rows if len(share) else None, stats, plan, chunk_size, staging, rank, max_shard_size)
+            batches = prefix_batches(run, share, sidecars, augmented_dataset, bar, first_batches)
+            write_part(batches, share.start, stats, plan, chunk_size, encode_threads, staging, rank, max_shard_size)
 
         with all_or_none(processes, stage):
             if is_main:
-                totals, shards = gather_parts(staging, world)
+                totals, shards = gather_parts(staging, world, plan)
                 manifest = cache_manifest(
                     run,
                     plan,

@@ -89,6 +89,10 @@ class PrefixRun:
         return (batch["pixel_values"].to(self.device) for batch in self.loader(indices))
 
 
+#: A batch of the prefix pass (`PrefixRun.loader`) and its activations.
+ComputedBatch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class BuildPlan:
     """What every process of a build agrees on before running the prefix over its share.
@@ -106,8 +110,16 @@ class BuildPlan:
     flops_per_sample: float
 
 
-def prepare_build(run: PrefixRun, codec: ActivationCodec, sidecars: Sequence[Sidecar]) -> BuildPlan:
-    """Calibrates the sidecars and resolves the codec: the same on every process, whatever its share."""
+def prepare_build(
+    run: PrefixRun, codec: ActivationCodec, sidecars: Sequence[Sidecar]
+) -> tuple[BuildPlan, list[ComputedBatch]]:
+    """Calibrates the sidecars and resolves the codec: the same on every process, whatever its share.
+
+    Returns:
+        The plan, and the dataset's first whole batches of `run.batch_size` samples with their activations,
+        computed to resolve the codec: the prefix pass over a share that starts at sample 0 takes them instead of
+        reading and computing them again (the same batches, so the same values).
+    """
     num_samples = len(run.dataset)
     with seeded(run.seed), prefix_in_eval(run.adapter, run.position):
         sample_shape = tuple(run(run.dataset[0]["pixel_values"].unsqueeze(0).to(run.device)).shape[1:])
@@ -117,12 +129,17 @@ def prepare_build(run: PrefixRun, codec: ActivationCodec, sidecars: Sequence[Sid
                 sidecar.calibrate(run, run.pixels(subset[: sidecar.calibration_size].sort().values.tolist()))
         # Every process resolves the codec on the same first samples, whatever the batch size, so that all shares
         # (and builds with other batch sizes) are encoded alike.
-        references = [run(pixels).float().cpu() for pixels in run.pixels(range(min(_RESOLVE_SAMPLES, num_samples)))]
-        resolved = codec.resolve(torch.cat(references).numpy())
+        references = [
+            (batch, run(batch["pixel_values"].to(run.device)).float())
+            for batch in run.loader(range(min(_RESOLVE_SAMPLES, num_samples)))
+        ]
+        resolved = codec.resolve(torch.cat([activations for _, activations in references]).cpu().numpy())
         first = run.collate([run.dataset[0]])["pixel_values"].to(run.device)
         flops = prefix_forward_flops(run.adapter, first, run.position)
     arrays = {name: spec for sidecar in sidecars for name, spec in sidecar.arrays(sample_shape).items()}
-    return BuildPlan(sample_shape, resolved, arrays, float(flops))
+    # Only the last batch may be short, and the pass's batch there holds more samples: that one is not the same.
+    whole = [(batch, activations) for batch, activations in references if len(activations) == run.batch_size]
+    return BuildPlan(sample_shape, resolved, arrays, float(flops)), whole
 
 
 def check_build_options(

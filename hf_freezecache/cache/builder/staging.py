@@ -32,7 +32,7 @@ def check_destination(folder: str | os.PathLike, required_bytes: int) -> None:
     if free < required_bytes:
         raise OSError(
             f"Not enough free disk for the activation cache under {parent!r}: it needs about "
-            f"{required_bytes / 2**30:.2f} GiB (estimated, including a transient copy while writing), "
+            f"{required_bytes / 2**30:.2f} GiB (estimated), "
             f"{free / 2**30:.2f} GiB are free. Free space, choose another --cache_dir, or use a codec that "
             "compresses more (--cache_codec zfp with a larger --cache_tolerance)."
         )
@@ -71,10 +71,6 @@ class Staging:
     def part(self, rank: int) -> str:
         """The `save_to_disk` folder of process `rank`'s shards."""
         return os.path.join(self.path, f"part-{rank:05d}")
-
-    def scratch(self, rank: int) -> str:
-        """The `datasets` cache folder process `rank` generates its rows into."""
-        return os.path.join(self.path, f"_generator-{rank:05d}")
 
     def create(self) -> None:
         """Creates the staging folder, once what earlier builds of `folder` left behind is removed."""

@@ -14,7 +14,7 @@ from .base import ActivationCodec
 CODECS: Registry[ActivationCodec] = Registry("activation codec")
 register_codec = CODECS.register
 
-from . import int8, raw, zfp  # noqa: E402, F401, I001
+from . import int8, lowbit, raw, zfp  # noqa: E402, F401, I001
 
 
 def build_codec(config: dict[str, Any]) -> ActivationCodec:

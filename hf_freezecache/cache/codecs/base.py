@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 
 class ActivationCodec(ABC):
@@ -18,16 +20,29 @@ class ActivationCodec(ABC):
 
     A codec is immutable once built: everything needed to decode (and to tell two caches apart) is in `config()`, and
     `build_codec(codec.config())` rebuilds an identical codec, so a cache manifest only has to store that dict.
-    `encode` and `decode` may be called concurrently from several threads on one codec object (the reader decodes
-    on a thread pool); codecs that hold per-call state (zstd contexts) keep it thread-local.
+    `encode`, `unpack` and `decode` may be called concurrently from several threads on one codec object (the reader
+    decodes on a thread pool); codecs that hold per-call state (zstd contexts) keep it thread-local.
+
+    Decoding has two halves, so that a batch can travel to the training device still compressed:
+    - `unpack` (host, per chunk): checks the payload and undoes what only the host can (zstd, zfp), returning the
+      chunk's *fields*, named 1-D numpy arrays (`packed_fields` declares them);
+    - `expand` (any device, many chunks at once): turns the fields of `n` chunks, stacked, into float32 activations
+      with a few batched tensor operations.
+    `decode` is `expand(unpack(...))` on the CPU: the host path and the device path are the same code.
+    Codecs with `device_decodable = True` leave the values packed in their fields (quantised codes, 16-bit floats),
+    so the device does the expansion; the others (zfp) return the decoded float32 values as their one field.
 
     Subclasses set:
         name (`str`): The registry name, the `"name"` entry of `config()`.
         lossless (`bool`): Whether `decode(encode(x))` is bit-exact for every chunk.
+        device_decodable (`bool`): Whether `expand` does the decoding (fields smaller than float32 values).
+    and implement `encode`, `packed_fields` and `unpack`, and `expand` unless their one field is `"values"`, the
+    float32 activations.
     """
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
+    device_decodable: ClassVar[bool] = False
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable `{"name": ..., **params}`: every parameter needed to decode and to fingerprint."""
@@ -46,12 +61,43 @@ class ActivationCodec(ABC):
         """Compresses `chunk` (float32, C-contiguous, shape `(k, *sample_shape)`)."""
 
     @abstractmethod
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-        """Inverse of `encode`: a new, writeable float32 C-contiguous array of `shape` (the encoded chunk's).
+    def packed_fields(self, shape: tuple[int, ...]) -> dict[str, tuple[int, np.dtype]]:
+        """The fields `unpack` returns for a chunk of `shape`: name -> (length, numpy dtype), in a fixed order.
+
+        Raises:
+            `ValueError`: `shape` is not a chunk's shape (`chunk_values`).
+        """
+
+    @abstractmethod
+    def unpack(self, data: bytes | memoryview, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Host half of decoding: the fields of the encoded chunk `data` of `shape`, as `packed_fields(shape)` says
+        (1-D, C-contiguous, writeable; same names, lengths and dtypes).
 
         `data` may be corrupt or hostile (a cache downloaded from the Hub): a codec must raise a `ValueError`,
         before allocating anything sized from the payload, when the size the payload declares does not fit `shape`.
+
+        Fields are sample-major: the fields of a chunk of `m < k` samples, zero-padded at their end to the lengths
+        of a chunk of `k` samples, `expand` (with the `k`-sample shape) to a tensor whose first `m` samples are the
+        chunk's. Fields whose length does not depend on the number of samples (per-channel scales) need no padding.
         """
+
+    def expand(self, fields: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """Device half of decoding: the fields of `n` chunks of `shape`, each stacked into an `(n, length)` tensor on
+        one device, as one float32 tensor `(n, *shape)` on that device. Batched tensor operations only (no Python
+        loop over chunks or samples), so it runs as well on a GPU as on the CPU.
+
+        The default serves codecs whose one field is `"values"`, the float32 activations themselves.
+        """
+        values = fields["values"]
+        return values.reshape(values.shape[0], *shape).float()
+
+    def decode(self, data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+        """Inverse of `encode`: a new, writeable float32 C-contiguous array of `shape` (the encoded chunk's).
+
+        It is `expand(unpack(data, shape), shape)` on the CPU, so it raises what `unpack` raises.
+        """
+        fields = {name: torch.from_numpy(array)[None] for name, array in self.unpack(data, shape).items()}
+        return np.ascontiguousarray(self.expand(fields, tuple(shape))[0].numpy())
 
     def max_abs_error(self, chunk: np.ndarray) -> float:
         """Worst-case `|decode(encode(chunk)) - chunk|` over the chunk, as the codec guarantees it."""

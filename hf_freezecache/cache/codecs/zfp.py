@@ -57,6 +57,9 @@ class ZfpCodec(ActivationCodec):
     neighbouring channels or tokens are not smooth, and treating them as one more dimension both compresses worse
     and decodes 4-6x slower than folding them into the leading axis, as measured by the paper's authors.
 
+    `unpack` decodes on the host into the field `"values"` (float32): no released zfp decodes fixed-accuracy streams
+    on a GPU, so zfp is not `device_decodable`.
+
     zfp's tolerance is absolute. Activations' scale differs a lot between positions and models, so by default the
     tolerance is relative to the activations' standard deviation: such a codec must be `resolve`d on a sample of
     the activations it will encode, which returns a codec with the absolute tolerance `tolerance * std`. The resolved
@@ -138,7 +141,10 @@ class ZfpCodec(ActivationCodec):
             raise ValueError("zfp codec: the chunk holds inf or NaN values, which zfp cannot encode.")
         return zfpy.compress_numpy(chunk.reshape(_folded_shape(chunk.shape)), tolerance=tolerance)
 
-    def decode(self, data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    def packed_fields(self, shape: tuple[int, ...]) -> dict[str, tuple[int, np.dtype]]:
+        return {"values": (chunk_values(self, shape), np.dtype(np.float32))}
+
+    def unpack(self, data: bytes | memoryview, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         chunk_values(self, shape)
         # zfp allocates the array its header declares: the header must declare this chunk before zfp reads it. (The
         # header also carries the mode, so decoding needs no parameter of the codec.)
@@ -151,7 +157,7 @@ class ZfpCodec(ActivationCodec):
             )
         values = zfpy.decompress_numpy(data)
         check_decoded_size(self, values.size, shape)
-        return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+        return {"values": np.ascontiguousarray(values, dtype=np.float32).reshape(-1)}
 
     def max_abs_error(self, chunk: np.ndarray) -> float:
         return self._absolute_tolerance()

@@ -67,7 +67,7 @@ def dataset_card(manifest: CacheManifest) -> str:
         where, layout = "<namespace>/<repo>", f"parquet shards `data/{m.split}-*`"
         rows = f'`datasets.load_dataset("<namespace>/<repo>", split="{m.split}")`'
     else:
-        where, layout = "path/to/this/folder", "Arrow shards written by `datasets.Dataset.save_to_disk`"
+        where, layout = "path/to/this/folder", "Arrow shards in the layout of `datasets.Dataset.save_to_disk`"
         rows = "`datasets.load_from_disk(folder)`"
     return (
         f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"

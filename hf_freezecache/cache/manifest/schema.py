@@ -16,7 +16,7 @@ MANIFEST_NAME = "freezecache_manifest.json"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 
-#: `Dataset.save_to_disk` Arrow shards, as `build_activation_cache` writes them.
+#: Arrow shards in `Dataset.save_to_disk`'s layout, as `build_activation_cache` writes them.
 LAYOUT_ARROW = "arrow"
 #: A Hub dataset repo: `data/<split>-NNNNN-of-NNNNN.parquet`, loadable with `datasets.load_dataset`.
 LAYOUT_PARQUET = "parquet"
@@ -77,7 +77,7 @@ class CacheManifest:
         source_revision (`str`, *optional*): The source's revision (Hub commit), when known.
         num_processes (`int`): Processes that built the cache together (each wrote its own shards).
         model_num_blocks (`int`, *optional*): Blocks of the source model, so a suffix of another depth is refused.
-        layout (`str`): How the shards are stored: `"arrow"` (`Dataset.save_to_disk`, as built) or `"parquet"`
+        layout (`str`): How the shards are stored: `"arrow"` (`Dataset.save_to_disk`'s layout, as built) or `"parquet"`
             (the Hub dataset-repo layout written by `export_cache`).
         split (`str`): The split the rows are published as in the Hub layout (`data/<split>-*.parquet`).
         format_version (`int`): Version of the cache format.
