@@ -70,11 +70,9 @@ class CachedActivationDataset(Dataset):
         self.memory, reason = choose_memory(cache, memory, self.device)
         self._store: ResidentChunks | None = None
         self._store_key: str | None = None
+        fields = cache.field_lengths()
         if self.memory == "device":
-            lengths = cache.field_lengths()
-            self._store = ResidentChunks(
-                lengths, cache.num_chunks, cache.unpack, self.device, decode_threads, progress
-            )
+            self._store = ResidentChunks(fields, cache.num_chunks, cache.unpack, self.device, decode_threads, progress)
             self._store_key = self._store.key
         elif self.memory == "host":
             cache.load_into_memory()
@@ -85,7 +83,7 @@ class CachedActivationDataset(Dataset):
             reason,
             self.held_bytes / 2**20,
         )
-        self._lengths = {name: {k: v[0] for k, v in f.items()} for name, f in cache.field_lengths().items()}
+        self._lengths = {name: {key: length for key, (length, _) in f.items()} for name, f in fields.items()}
         self._labels = torch.tensor(cache.labels)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid: int | None = None
