@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .codecs.base import stack_fields
 from .memory import choose_memory
-from .packed import PackedBatch, PackedSample, stack_fields
+from .packed import PackedBatch, PackedSample
 from .reader import DATA, ActivationCache
 from .resident import ResidentChunks
 from .sidecars import SIDECAR_COLUMN_PREFIX

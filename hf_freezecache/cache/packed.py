@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -142,24 +142,10 @@ class PackedSample:
     position: int
 
 
-def stack_fields(chunk_fields: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int]) -> dict[str, Any]:
-    """The fields of several chunks as `(n, length)` tensors, each chunk's field zero-padded to `lengths`."""
-    stacked = {}
-    for key, length in lengths.items():
-        first = chunk_fields[0][key]
-        out = np.zeros((len(chunk_fields), length), dtype=first.dtype)
-        for row, fields in enumerate(chunk_fields):
-            value = fields[key]
-            out[row, : len(value)] = value
-        stacked[key] = torch.from_numpy(out)
-    return stacked
-
-
 __all__ = [
     "ArrayDecoder",
     "ArrayLayout",
     "Int32Values",
     "PackedBatch",
     "PackedSample",
-    "stack_fields",
 ]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .codecs.base import stack_fields
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +73,12 @@ class ResidentChunks:
         self.key = uuid.uuid4().hex
         _STORES[self.key] = self
 
-    def _fill(self, rows: Sequence[int], unpacked: list[dict[str, dict[str, np.ndarray]]]) -> None:
+    def _fill(self, rows: range, unpacked: list[dict[str, dict[str, np.ndarray]]]) -> None:
         for name, arrays in self.fields.items():
+            lengths = {key: tensor.shape[1] for key, tensor in arrays.items()}
+            slab = stack_fields([fields[name] for fields in unpacked], lengths)
             for key, tensor in arrays.items():
-                slab = np.zeros((len(rows), tensor.shape[1]), dtype=unpacked[0][name][key].dtype)
-                for i, fields in enumerate(unpacked):
-                    value = fields[name][key]
-                    slab[i, : len(value)] = value
-                tensor[rows.start : rows.stop].copy_(torch.from_numpy(slab))
+                tensor[rows.start : rows.stop].copy_(slab[key])
 
     @property
     def nbytes(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -173,3 +173,18 @@ def check_decoded_size(codec: ActivationCodec, size: int, shape: tuple[int, ...]
             f"{codec!r}: the payload holds {size} values but shape {tuple(shape)} needs {expected}: wrong shape "
             "passed to decode, or corrupt data."
         )
+
+
+def stack_fields(
+    chunk_fields: Sequence[Mapping[str, np.ndarray]], lengths: Mapping[str, int]
+) -> dict[str, torch.Tensor]:
+    """The fields of several chunks (`ActivationCodec.unpack`) as `(n, length)` tensors for `expand`, each chunk's
+    field zero-padded at its end to `lengths` (a full chunk's, as the fields' sample-major layout allows)."""
+    stacked = {}
+    for key, length in lengths.items():
+        out = np.zeros((len(chunk_fields), length), dtype=chunk_fields[0][key].dtype)
+        for row, fields in enumerate(chunk_fields):
+            value = fields[key]
+            out[row, : len(value)] = value
+        stacked[key] = torch.from_numpy(out)
+    return stacked
