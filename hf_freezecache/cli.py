@@ -89,6 +89,7 @@ def describe_cache(folder: str, manifest: CacheManifest) -> str:
         ("codec", f"{manifest.codec['name']} ({codec or 'no parameters'})"),
         ("raw -> stored", f"{manifest.raw_bytes / 2**20:.2f} MB -> {manifest.stored_bytes / 2**20:.2f} MB"),
         ("compression ratio", f"{manifest.compression_ratio:.2f}x"),
+        *_codec_rows(manifest),
         ("built", f"in {manifest.build_seconds:.1f} s by {manifest.num_processes} process(es), "
                   f"{manifest.build_prefix_passes:.2f} prefix passes per sample"),
         ("fingerprint", manifest.fingerprint),
@@ -106,6 +107,24 @@ def describe_cache(folder: str, manifest: CacheManifest) -> str:
             rows.append((f"  {key}", _short(value)))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _codec_rows(manifest: CacheManifest) -> list[tuple[str, str]]:
+    """What was asked of the codec, when it was resolved (a budget, a relative tolerance), and its measured error."""
+    rows = []
+    if manifest.codec_request and manifest.codec_request != manifest.codec:
+        request = ", ".join(f"{k}={_short(v)}" for k, v in manifest.codec_request.items() if k != "name")
+        rows.append(("codec requested", f"{manifest.codec_request['name']} ({request or 'no parameters'})"))
+    if manifest.codec_error:
+        e = manifest.codec_error
+        rows.append(
+            (
+                "codec error",
+                f"max {e['max_over_std']:.3g} x std, RMS {e['rms_over_std']:.3g} x std (std {e['std']:.3g}, first "
+                f"{int(e['samples'])} samples)",
+            )
+        )
+    return rows
 
 
 def _short(value, limit: int = 12) -> str:

@@ -48,6 +48,8 @@ from hf_freezecache.models import build_model
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 CODECS = {
+    "codebook2": {"name": "codebook", "bits": 2, "entropy": "zstd"},
+    "codebook4": {"name": "codebook", "bits": 4, "entropy": "zstd"},
     "zfp": {"name": "zfp", "tolerance": 0.05, "relative": True},
     "lowbit8": {"name": "lowbit", "bits": 8, "entropy": "none"},
     "lowbit4": {"name": "lowbit", "bits": 4, "entropy": "none"},
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     path = sub.add_parser("data-path", help="Build and training from the cache, per codec and memory mode, vs limit.")
     path.add_argument("--shapes", default="resnet32x2-p5,resnet32x2-p10", help=f"Of: {', '.join(SHAPES)}.")
     path.add_argument("--samples", type=int, default=10000, help="Images (CIFAR-10, or synthetic at 224).")
-    path.add_argument("--codecs", default="zfp,lowbit4,int8", help=f"Of: {', '.join(CODECS)}.")
+    path.add_argument("--codecs", default="codebook2,zfp,lowbit4,int8", help=f"Of: {', '.join(CODECS)}.")
     path.add_argument("--memory", default="device,host,disk", help="Memory modes to time (auto, device, host, disk).")
     path.add_argument("--synthetic", action="store_true", help="Synthetic images for the CIFAR shapes too.")
     path.add_argument("--device", default=None, help="Training device (default: cuda when available, else cpu).")

@@ -27,7 +27,7 @@ fi
 } > "$OUT/machine.txt" 2>&1
 
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_mixed_precision.py tests/test_model.py \
-    tests/test_lowbit_codec.py tests/test_device_path.py tests/test_pipelined_build.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
+    tests/test_lowbit_codec.py tests/test_codebook_codec.py tests/test_device_path.py tests/test_pipelined_build.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
 
 if [ "$SCALE" = small ]; then
     CIFAR=(--samples 64 --steps 2 --warmup 1 --repeats 1 --batch_size 16 --build_batch_size 32)
@@ -39,11 +39,11 @@ else
     RUN=()
 fi
 python3 recipes/benchmark_cache.py data-path --synthetic --bf16 --shapes resnet32x2-p5,resnet32x2-p10 \
-    --codecs zfp,lowbit4,lowbit2,int8,bf16 --memory device,host,disk "${CIFAR[@]}" --output_dir /tmp/bench-cifar \
+    --codecs codebook2,zfp,lowbit4,lowbit2,int8,bf16 --memory device,host,disk "${CIFAR[@]}" --output_dir /tmp/bench-cifar \
     2>&1 | tail -40 > "$OUT/bench_cifar.log"
 cp /tmp/bench-cifar/results.md "$OUT/bench_cifar.md"; cp /tmp/bench-cifar/results.json "$OUT/bench_cifar.json"
 python3 recipes/benchmark_cache.py data-path --bf16 --shapes resnet50-s1,resnet50-s2,deit-s-b9 \
-    --codecs zfp,lowbit4,int8 --memory device,host "${IMAGENET[@]}" --output_dir /tmp/bench-imagenet \
+    --codecs codebook2,zfp,lowbit4,int8 --memory device,host "${IMAGENET[@]}" --output_dir /tmp/bench-imagenet \
     2>&1 | tail -40 > "$OUT/bench_imagenet.log"
 cp /tmp/bench-imagenet/results.md "$OUT/bench_imagenet.md"; cp /tmp/bench-imagenet/results.json "$OUT/bench_imagenet.json"
 

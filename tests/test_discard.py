@@ -389,7 +389,7 @@ def test_discard_positions_and_bad_options(caplog):
     with caplog.at_level("WARNING", logger="hf_freezecache.config"):
         FreezeCacheArguments(discard_positions="3")
     assert "--discard_positions 3 is ignored without --discard true" in caplog.text
-    with pytest.raises(ValueError, match="'lz4'.*bf16, fp16, int8, lowbit, none, zfp"):
+    with pytest.raises(ValueError, match="'lz4'.*bf16, budget, codebook, fp16, int8, lowbit, none, zfp"):
         FreezeCacheArguments(discard=True, cache_codec="lz4")
     with pytest.raises(ValueError, match="--cache_chunk_size must be at least 1, got 0"):
         FreezeCacheArguments(discard=True, cache_chunk_size=0)

@@ -182,6 +182,7 @@ def test_card_metadata_is_the_manifest(original, exported):
         "activation_shape": [16, 32, 32],
         "activation_dtype": "float32",
         "codec": manifest.codec,
+        "codec_error": manifest.codec_error,
         "chunk_size": CHUNK,
         "num_samples": SAMPLES,
         "num_rows": SAMPLES // CHUNK,

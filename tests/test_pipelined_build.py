@@ -200,7 +200,7 @@ def test_a_share_takes_only_its_own_whole_batches_from_the_codec_resolution(adap
     from hf_freezecache.cache.builder.prepare import PrefixRun, prepare_build
 
     run = PrefixRun(adapter, 3, images, collate_image_batch, 16, 0, torch.device("cpu"), 0)
-    _, computed = prepare_build(run, build_codec({"name": "fp16"}), ())
+    _, computed = prepare_build(run, build_codec({"name": "fp16"}), (), 4)
     assert len(computed) == SAMPLES // 16
     taken = list(prefix_batches(run, share, computed=computed))
     fresh = list(prefix_batches(run, share))

@@ -74,6 +74,8 @@ def cache_manifest(
         sample_shape=list(plan.sample_shape),
         dtype="float32",
         codec=plan.codec.config(),
+        codec_error=plan.codec_error,
+        codec_request=plan.codec_request,
         chunk_size=chunk_size,
         num_samples=num_samples,
         num_chunks=-(-num_samples // chunk_size),

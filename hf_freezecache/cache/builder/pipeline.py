@@ -111,7 +111,7 @@ def build_activation_cache(
             device = torch.device(device) if device is not None else next(adapter.blocks[0].parameters()).device
             collate = collate_fn or default_collate
             run = PrefixRun(adapter, position, dataset, collate, batch_size, num_workers, device, seed)
-            plan, first_batches = prepare_build(run, codec, sidecars)
+            plan, first_batches = prepare_build(run, codec, sidecars, chunk_size)
             staging = Staging(os.path.abspath(folder), cache_fingerprint(fingerprint_parts))
             if is_main:
                 staging.create()

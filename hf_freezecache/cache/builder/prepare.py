@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..._random import seeded
 from ...models import BlockAdapter
-from ..codecs import ActivationCodec
+from ..codecs import ActivationCodec, measure_codec_error
 from ..sidecars import Sidecar, SidecarArray
 
 # Samples a relative codec tolerance is resolved on (the first ones of the dataset).
@@ -102,18 +102,23 @@ class BuildPlan:
         codec (`ActivationCodec`): The codec, resolved on the first samples of the dataset.
         arrays (`dict[str, SidecarArray]`): The sidecars' per-sample arrays, by name, in column order.
         flops_per_sample (`float`): FLOPs of one sample's pass through the prefix.
+        codec_error (`dict[str, float]`): The codec's error on the first samples (`measure_codec_error`).
+        codec_request (`dict`): The codec's config as requested, before `resolve`.
     """
 
     sample_shape: tuple[int, ...]
     codec: ActivationCodec
     arrays: dict[str, SidecarArray]
     flops_per_sample: float
+    codec_error: dict[str, float]
+    codec_request: dict[str, Any]
 
 
 def prepare_build(
-    run: PrefixRun, codec: ActivationCodec, sidecars: Sequence[Sidecar]
+    run: PrefixRun, codec: ActivationCodec, sidecars: Sequence[Sidecar], chunk_size: int
 ) -> tuple[BuildPlan, list[ComputedBatch]]:
-    """Calibrates the sidecars and resolves the codec: the same on every process, whatever its share.
+    """Calibrates the sidecars, resolves the codec and measures its error: the same on every process, whatever its
+    share.
 
     Returns:
         The plan, and the dataset's first whole batches of `run.batch_size` samples with their activations,
@@ -133,13 +138,15 @@ def prepare_build(
             (batch, run(batch["pixel_values"].to(run.device)).float())
             for batch in run.loader(range(min(_RESOLVE_SAMPLES, num_samples)))
         ]
-        resolved = codec.resolve(torch.cat([activations for _, activations in references]).cpu().numpy())
+        reference = torch.cat([activations for _, activations in references]).cpu().numpy()
+        resolved = codec.resolve(reference)
         first = run.collate([run.dataset[0]])["pixel_values"].to(run.device)
         flops = prefix_forward_flops(run.adapter, first, run.position)
     arrays = {name: spec for sidecar in sidecars for name, spec in sidecar.arrays(sample_shape).items()}
     # Only the last batch may be short, and the pass's batch there holds more samples: that one is not the same.
     whole = [(batch, activations) for batch, activations in references if len(activations) == run.batch_size]
-    return BuildPlan(sample_shape, resolved, arrays, float(flops)), whole
+    error = measure_codec_error(resolved, reference, chunk_size)
+    return BuildPlan(sample_shape, resolved, arrays, float(flops), error, codec.config()), whole
 
 
 def check_build_options(

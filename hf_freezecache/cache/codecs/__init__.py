@@ -9,12 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..._registry import Registry
-from .base import ActivationCodec
+from .base import ActivationCodec, measure_codec_error
 
 CODECS: Registry[ActivationCodec] = Registry("activation codec")
 register_codec = CODECS.register
-
-from . import int8, lowbit, raw, zfp  # noqa: E402, F401, I001
 
 
 def build_codec(config: dict[str, Any]) -> ActivationCodec:
@@ -33,4 +31,7 @@ def build_codec(config: dict[str, Any]) -> ActivationCodec:
         raise ValueError(f"Invalid parameters for the {codec_cls.name!r} activation codec: {error}.") from error
 
 
-__all__ = ["CODECS", "ActivationCodec", "build_codec", "register_codec"]
+# After `build_codec`: the `budget` codec builds the codecs it chooses from.
+from . import budget, codebook, int8, lowbit, raw, zfp  # noqa: E402, F401, I001
+
+__all__ = ["CODECS", "ActivationCodec", "build_codec", "measure_codec_error", "register_codec"]

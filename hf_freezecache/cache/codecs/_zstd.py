@@ -61,6 +61,18 @@ class ZstdContexts:
             raise ValueError(f"{self!r}: the payload decompresses to {len(payload)} bytes, {expected} expected.")
         return payload
 
+    def _stored(self, data: bytes | memoryview, expected: int, shape: tuple[int, ...], entropy: str) -> bytes:
+        """The payload of `expected` bytes that `data` holds: zstd-decompressed with `entropy == "zstd"`, else as
+        stored; a `ValueError` when its size is not `expected` (checked before anything is allocated)."""
+        if entropy == "zstd":
+            return self._decompress(data, expected, shape)
+        if len(data) != expected:
+            raise ValueError(
+                f"{self!r}: the payload has {len(data)} bytes but shape {tuple(shape)} needs {expected}: wrong shape "
+                "passed to decode, or corrupt data."
+            )
+        return data
+
     # threading.local cannot be pickled: drop it and start afresh.
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if key != "_local"}

@@ -188,3 +188,33 @@ def stack_fields(
             out[row, : len(value)] = value
         stacked[key] = torch.from_numpy(out)
     return stacked
+
+
+def measure_codec_error(codec: ActivationCodec, activations: np.ndarray, chunk_size: int) -> dict[str, float]:
+    """What `codec` does to `activations` (float32, one sample per row) encoded in chunks of `chunk_size`.
+
+    Returns:
+        `samples`; the activations' `std`; the largest (`max_abs`) and root-mean-square (`rms`) error of the decoded
+        values, and both over `std` (`max_over_std`, `rms_over_std`: comparable across positions and models); and
+        the `ratio` of raw to encoded bytes.
+    """
+    stored, largest, squares = 0, 0.0, 0.0
+    for start in range(0, len(activations), chunk_size):
+        chunk = np.ascontiguousarray(activations[start : start + chunk_size], dtype=np.float32)
+        payload = codec.encode(chunk)
+        error = codec.decode(payload, chunk.shape).astype(np.float64) - chunk
+        stored += len(payload)
+        largest = max(largest, float(np.abs(error).max()))
+        squares += float(np.square(error).sum())
+    std = float(activations.std(dtype=np.float64))
+    rms = math.sqrt(squares / activations.size)
+    scale = std if std > 0 else math.inf
+    return {
+        "samples": len(activations),
+        "std": std,
+        "max_abs": largest,
+        "rms": rms,
+        "max_over_std": largest / scale,
+        "rms_over_std": rms / scale,
+        "ratio": activations.nbytes / max(stored, 1),
+    }

@@ -24,6 +24,7 @@ def card_metadata(manifest: CacheManifest) -> dict[str, Any]:
         "activation_shape": manifest.sample_shape,
         "activation_dtype": manifest.dtype,
         "codec": manifest.codec,
+        "codec_error": manifest.codec_error,
         "chunk_size": manifest.chunk_size,
         "num_samples": manifest.num_samples,
         "num_rows": manifest.num_chunks,
@@ -83,6 +84,7 @@ def dataset_card(manifest: CacheManifest) -> str:
         f"| codec | {m.codec['name']} ({codec or 'no parameters'}) |\n"
         f"| raw / stored bytes | {m.raw_bytes:,} / {m.stored_bytes:,} |\n"
         f"| compression ratio | {m.compression_ratio:.2f}x |\n"
+        f"{_error_row(m)}"
         f"| build time | {m.build_seconds:.1f} s on {m.num_processes} process"
         f"{'es' if m.num_processes > 1 else ''} |\n"
         f"| built from | {m.source} |\n"
@@ -138,3 +140,14 @@ def _sidecar_columns(manifest: CacheManifest) -> str:
         for name, spec in manifest.sidecar_arrays.items()
     )
     return f", and the augmentation sidecars {columns}; float32 arrays use the same codec as `data`"
+
+
+def _error_row(m: CacheManifest) -> str:
+    """The codec's measured error, as a card row (empty for caches built before it was recorded)."""
+    if not m.codec_error:
+        return ""
+    e = m.codec_error
+    return (
+        f"| codec error (first {int(e['samples'])} samples) | max {e['max_over_std']:.3g} x std, RMS "
+        f"{e['rms_over_std']:.3g} x std (std {e['std']:.3g}) |\n"
+    )

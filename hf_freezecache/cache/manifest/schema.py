@@ -58,6 +58,10 @@ class CacheManifest:
         sample_shape (`list[int]`): Shape of one sample's activations.
         dtype (`str`): Their dtype before encoding.
         codec (`dict`): The codec's resolved configuration (`ActivationCodec.config()`).
+        codec_error (`dict`, *optional*): The codec's error measured on the first samples at build time (`samples`,
+            the activations' `std`, `max_abs` and `rms` error, both over `std`, and the `ratio` there).
+        codec_request (`dict`, *optional*): The codec as requested, before it was resolved on the first samples (a
+            relative zfp tolerance, a `budget`).
         chunk_size (`int`): Consecutive samples per row.
         num_samples, num_chunks (`int`): Samples and rows.
         raw_bytes, stored_bytes (`int`): Activations before and after encoding.
@@ -106,6 +110,8 @@ class CacheManifest:
     source_revision: str | None = None
     num_processes: int = 1
     model_num_blocks: int | None = None
+    codec_error: dict[str, float] | None = None
+    codec_request: dict[str, Any] | None = None
     layout: str = LAYOUT_ARROW
     split: str = "train"
     format_version: int = FORMAT_VERSION

@@ -26,6 +26,8 @@ MAX_ROW_BYTES = 1 << 31
 #: A split name `datasets` accepts (and that keeps `data/<split>-*` from matching another split's shards).
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+# What `measure_codec_error` records, which the card and `inspect` show.
+_CODEC_ERROR_KEYS = {"samples", "std", "max_abs", "rms", "max_over_std", "rms_over_std", "ratio"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -137,6 +139,15 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
         build_codec(data["codec"])
     except ValueError as error:
         raise CorruptCacheError(f"{source}: invalid codec {reprlib.repr(data['codec'])}: {error}") from error
+
+    if data.get("codec_error") is not None:
+        mapping("codec_error", data["codec_error"])
+        if not _CODEC_ERROR_KEYS <= set(data["codec_error"]):
+            fail("codec_error", data["codec_error"], f"an object with {', '.join(sorted(_CODEC_ERROR_KEYS))}")
+        for name, value in data["codec_error"].items():
+            number(f"codec_error.{name}", value)
+    if data.get("codec_request") is not None:
+        mapping("codec_request", data["codec_request"])
 
     mapping("sidecars", data.get("sidecars", {}))
     arrays: set[str] = set()
