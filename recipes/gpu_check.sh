@@ -27,7 +27,7 @@ fi
 } > "$OUT/machine.txt" 2>&1
 
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_mixed_precision.py tests/test_model.py \
-    tests/test_lowbit_codec.py tests/test_codebook_codec.py tests/test_device_path.py tests/test_pipelined_build.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
+    tests/test_codecs.py tests/test_device_path.py tests/test_pipelined_build.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -15
 
 if [ "$SCALE" = small ]; then
     CIFAR=(--samples 64 --steps 2 --warmup 1 --repeats 1 --batch_size 16 --build_batch_size 32)

@@ -8,7 +8,6 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 import zstandard
 from test_codecs import _chunks, real_activations
 from test_lowbit_codec import _patched
@@ -187,17 +186,3 @@ def test_hostile_payloads_are_refused(activations, entropy):
     huge = struct.pack("<IB", 0xFD2FB528, 0xE0) + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00"
     with pytest.raises(ValueError, match="declares 1099511627776 decompressed bytes|has 16 bytes"):
         codec.decode(huge, shape)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("bits", [2, 4])
-def test_expand_on_the_gpu_gives_the_cpu_values(activations, bits):
-    for source in SOURCES:
-        codec = CodebookCodec(bits)
-        chunks = _chunks(activations[source], 4)
-        fields = [codec.unpack(codec.encode(chunk), chunk.shape) for chunk in chunks]
-        stacked = {name: torch.from_numpy(np.stack([f[name] for f in fields])).cuda() for name in fields[0]}
-        expanded = codec.expand(stacked, chunks[0].shape)
-        assert expanded.is_cuda
-        cpu = np.stack([codec.decode(codec.encode(chunk), chunk.shape) for chunk in chunks])
-        assert np.array_equal(expanded.cpu().numpy(), cpu)

@@ -152,6 +152,21 @@ def test_expand_of_stacked_chunks_is_their_decode(activations, config, source):
     assert np.array_equal(codec.expand(_stack(fields[:1]), full)[0].numpy(), decoded[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: run by recipes/gpu_check.sh")
+@pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
+@pytest.mark.parametrize("config", CODEC_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_expand_on_the_gpu_gives_the_cpu_values(activations, config, source):
+    h = activations[source][:12]
+    codec = build_codec(config).resolve(h)
+    chunks = _chunks(h, 4)
+    payloads = [codec.encode(chunk) for chunk in chunks]
+    fields = [codec.unpack(data, chunk.shape) for data, chunk in zip(payloads, chunks, strict=True)]
+    expanded = codec.expand({name: tensor.cuda() for name, tensor in _stack(fields).items()}, chunks[0].shape)
+    assert expanded.is_cuda
+    cpu = np.stack([codec.decode(data, chunk.shape) for data, chunk in zip(payloads, chunks, strict=True)])
+    assert np.array_equal(expanded.cpu().numpy(), cpu)
+
+
 @pytest.mark.parametrize("source", ["cnn3", "cnn6", "tokens"])
 def test_int8_expand_gives_the_values_of_numpy_decoding(activations, source):
     codec = Int8Codec()

@@ -48,7 +48,9 @@ def test_the_measurement_of_a_discarded_state_leaves_the_offloaded_prefix_out(ci
 
 
 @pytest.mark.parametrize("memory", ["device", "host", "disk"])
-@pytest.mark.parametrize("codec", [{"name": "lowbit", "bits": 4}, {"name": "int8"}, {"name": "bf16"}])
+@pytest.mark.parametrize(
+    "codec", [{"name": "codebook", "bits": 2}, {"name": "lowbit", "bits": 4}, {"name": "int8"}, {"name": "bf16"}]
+)
 def test_packed_batches_decode_on_the_gpu_to_the_host_path_values(codec, memory, tmp_path):
     from test_device_path import BATCH, _build
 

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import zstandard
 from test_codecs import _chunks, real_activations
 
@@ -250,17 +249,3 @@ def test_zstd_frame_declaring_a_huge_size_is_refused_before_decompressing(monkey
     # Without zstd, a payload of the wrong size is refused before anything is read from it.
     with pytest.raises(ValueError, match=r"has 3 bytes but shape \(2, 3, 4, 4\) needs 60"):
         LowBitCodec(2).decode(b"LBQ", (2, 3, 4, 4))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_expand_on_the_gpu_gives_the_cpu_values(activations, bits):
-    for source in SOURCES:
-        codec = LowBitCodec(bits)
-        chunks = _chunks(activations[source], 4)
-        fields = [codec.unpack(codec.encode(chunk), chunk.shape) for chunk in chunks]
-        stacked = {name: torch.from_numpy(np.stack([f[name] for f in fields])).cuda() for name in fields[0]}
-        expanded = codec.expand(stacked, chunks[0].shape)
-        assert expanded.is_cuda
-        cpu = np.stack([codec.decode(codec.encode(chunk), chunk.shape) for chunk in chunks])
-        assert np.array_equal(expanded.cpu().numpy(), cpu)
