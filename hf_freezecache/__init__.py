@@ -25,7 +25,7 @@ from .cache import (
 from .cache.sidecars import register_sidecar
 from .config import FreezeCacheArguments
 from .freezing import FreezingEngine
-from .integrations import FreezeCacheCallback, FreezeCacheTrainer, compute_accuracy
+from .integrations import FreezeCacheCallback, FreezeCacheTrainer, compute_accuracy, load_metric
 from .model import FreezeCacheModel
 from .models import (
     BlockAdapter,
@@ -67,6 +67,7 @@ __all__ = [
     "get_block_adapter",
     "load_cache",
     "load_cifar_resnet",
+    "load_metric",
     "measure_step_cost",
     "push_cache_to_hub",
     "register_adapter",

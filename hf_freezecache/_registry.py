@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -45,7 +46,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type[T]:
         """Returns the class registered as `name`, or raises a `ValueError` listing the known names."""
         if name not in self._entries:
-            raise ValueError(f"Unknown {self.kind} {name!r}. Known: {', '.join(sorted(self._entries))}.")
+            raise ValueError(f"Unknown {self.kind} {reprlib.repr(name)}. Known: {', '.join(sorted(self._entries))}.")
         return self._entries[name]
 
     def names(self) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -24,7 +25,9 @@ from .cache import (
     load_cache,
     push_cache_to_hub,
 )
+from .cache.config import parse_storage_options
 from .cache.manifest import file_sha256
+from .cache.store import is_url
 
 #: Errors that come from what the user asked for, not from a bug: shown as one line.
 USER_ERRORS = (ValueError, OSError, CacheMismatchError, CorruptCacheError, HfHubHTTPError, json.JSONDecodeError)
@@ -51,12 +54,16 @@ def _build_cache(argv: list[str]) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    cache = load_cache(args.cache, revision=args.revision, verify=False)
+    options = parse_storage_options(args.storage_options, "--storage_options")
+    cache = load_cache(
+        args.cache, revision=args.revision, verify=False, storage_options=options, download_dir=args.download_dir
+    )
     manifest = cache.manifest
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
     else:
-        print(describe_cache(cache.folder, manifest))
+        where = f"{args.cache} (copy in {cache.folder})" if is_url(args.cache) else cache.folder
+        print(describe_cache(where, manifest))
     if not args.verify:
         return 0
     failed = []
@@ -139,7 +146,8 @@ def _short(value, limit: int = 12) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    folder = export_cache(args.cache, args.output_dir, split=args.split)
+    options = parse_storage_options(args.storage_options, "--storage_options")
+    folder = export_cache(args.cache, args.output_dir, split=args.split, storage_options=options)
     print(f"Exported {args.cache} to {folder} in the Hub dataset layout (datasets.load_dataset({folder!r}) loads it).")
     return 0
 
@@ -156,7 +164,10 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    cache = load_cache(args.repo_id, revision=args.revision, token=args.token, download_dir=args.download_dir)
+    options = parse_storage_options(args.storage_options, "--storage_options")
+    cache = load_cache(
+        args.repo_id, revision=args.revision, token=args.token, download_dir=args.download_dir, storage_options=options
+    )
     print(describe_cache(cache.folder, cache.manifest))
     print(f"\nTrain the suffix from it: hf-freezecache train --train_from_cache {args.repo_id} --model ...")
     return 0
@@ -190,15 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="Print a cache's manifest, sizes, ratios and sidecar statistics, "
                                                   "and verify its checksums.")  # fmt: skip
-    inspect.add_argument("cache", help="Cache folder (builder or Hub layout) or Hub dataset id.")
+    inspect.add_argument("cache", help="Cache folder (builder or Hub layout), Hub dataset id, or URL (s3://...).")
     inspect.add_argument("--no-verify", dest="verify", action="store_false", help="Skip the checksums.")
     inspect.add_argument("--json", action="store_true", help="Print the manifest as JSON instead of a table.")
     inspect.add_argument("--revision", help="Hub revision, for a dataset id.")
+    inspect.add_argument("--download_dir", help="Where a Hub or URL cache is downloaded (default: the Hub's cache, "
+                                                "or $HF_HOME/hf_freezecache/downloads for a URL).")  # fmt: skip
 
     export = commands.add_parser("export", help="Write a cache in the Hub dataset layout (parquet shards + card) "
                                                 "to a local folder, without uploading.")  # fmt: skip
-    export.add_argument("cache", help="Cache folder.")
-    export.add_argument("output_dir", help="New (or empty) folder to write.")
+    export.add_argument("cache", help="Cache folder or URL.")
+    export.add_argument("output_dir", help="New (or empty) folder or URL to write.")
     export.add_argument("--split", default="train", help="Split name of the shards (default: train).")
 
     push = commands.add_parser("push", help="Upload a cache to the Hub as a dataset repository (parquet + card).")
@@ -211,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
 
     pull = commands.add_parser("pull", help="Download a cache from the Hub, validate it and describe it.")
-    pull.add_argument("repo_id", help="Dataset repository, 'user/name'.")
+    pull.add_argument("repo_id", help="Dataset repository, 'user/name', or the URL of a cache (s3://...).")
     pull.add_argument("--revision", help="Branch, tag or commit.")
     pull.add_argument("--token", help="Hub token, for a private repository.")
     pull.add_argument("--download_dir", help="Hub cache folder to download into (default: the Hub's cache).")
+
+    for command in (inspect, export, pull):
+        command.add_argument("--storage_options", help="For a URL: the store's fsspec options, a JSON object.")
 
     report = commands.add_parser("report", help="Render a run's cost report as the paper-style table and plots.")
     report.add_argument("run", help="A run's output_dir, or its cost_report.json.")
@@ -243,14 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command=argv[0], arguments=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    return run_reporting_user_errors(f"hf-freezecache {args.command}", lambda: COMMANDS[args.command](args))
+
+
+def run_reporting_user_errors(prog: str, function: Callable[[], Any]) -> int:
+    """Calls `function()`; a user mistake (one of `USER_ERRORS`) ends as one line `<prog>: error: <message>` on
+    stderr instead of a traceback, unless `HF_FREEZECACHE_TRACEBACK=1` is set. The recipes' entry point too.
+
+    Returns:
+        `int`: The exit status: what `function` returned when it is an `int`, else 0; 2 after a user mistake.
+    """
     try:
-        return COMMANDS[args.command](args)
+        status = function()
     except USER_ERRORS as error:
         if os.environ.get("HF_FREEZECACHE_TRACEBACK"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"hf-freezecache {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -107,6 +107,8 @@ class FreezeCacheArguments:
     # The cache's, sidecars' and augmentations' flags feed their configs (`discard_config()`).
     discard_positions: str | None = flat_option(DiscardConfig, "positions")
     cache_dir: str | None = flat_option(DiscardConfig, "cache_dir")
+    cache_storage_options: str | None = flat_option(DiscardConfig, "cache_storage_options")
+    cache_local_dir: str | None = flat_option(DiscardConfig, "cache_local_dir")
     cache_codec: str = flat_option(CacheConfig, "codec")
     cache_budget: float | None = flat_option(CacheConfig, "budget")
     cache_bits: int | None = flat_option(CacheConfig, "bits")
@@ -170,6 +172,8 @@ class FreezeCacheArguments:
         return DiscardConfig(
             positions=self.discard_positions,
             cache_dir=self.cache_dir,
+            cache_storage_options=self.cache_storage_options,
+            cache_local_dir=self.cache_local_dir,
             augmentation=self.feature_augmentation,
             cache=component_config(self, CacheConfig),
             sidecars={name: component_config(self, cls) for name, cls in SIDECARS.config_classes().items()},

@@ -12,6 +12,9 @@ scratch on the CIFAR-10 subset embedded in the package: 10 epochs, about two min
 checkpoint in `--output_dir` is resumed from. `hf-freezecache train` is the same command.
 """
 
+import sys
+
+from hf_freezecache.cli import run_reporting_user_errors
 from hf_freezecache.run import parse_run_arguments, run_training
 
 
@@ -21,4 +24,4 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict[s
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_user_errors("train_image_classifier.py", main))

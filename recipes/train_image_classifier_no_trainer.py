@@ -20,6 +20,9 @@ Arguments are `ModelArguments`, `DataTrainingArguments`, `FreezeCacheArguments` 
 flags after it override it. `--cost_report true` logs the cost of each freeze state (`measure_step_cost`); the full
 cost report, checkpoints and resumption, `--train_from_cache` and `report_to` loggers are the Trainer recipe's.
 `output_dir` receives `model.safetensors` (the whole model) and `eval_results.json`.
+
+Over 300 lines on purpose: like transformers' no_trainer examples, the whole loop is one file a reader (or a user
+copying it) follows from top to bottom.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,10 +48,12 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_freezecache.accounting import measure_step_cost
 from hf_freezecache.cache import ChunkShuffleSampler
+from hf_freezecache.cli import run_reporting_user_errors
 from hf_freezecache.config import FreezeCacheArguments
 from hf_freezecache.data import collate_image_batch, probe_batch
 from hf_freezecache.discard import CacheBuildSettings, DiscardableTrainDataset, FreezeCacheCollator, PrefixDiscarder
 from hf_freezecache.freezing import BlockUpdateScaler, FreezingEngine
+from hf_freezecache.integrations import ClassificationMetric, load_metric
 from hf_freezecache.model import ACTIVATIONS_KEY, FreezeCacheModel
 from hf_freezecache.models import build_model, check_block_split, get_block_adapter
 from hf_freezecache.policies import BlockProbe, TrainingProgress, build_policy
@@ -139,8 +145,11 @@ def make_train_dataloader(
     )
 
 
-def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> float:
-    """Accuracy of `model` over the whole evaluation set (all processes' batches, without the padding duplicates)."""
+def evaluate(
+    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, metric: ClassificationMetric
+) -> dict[str, float]:
+    """`metric` (`--metric`, as in the Trainer recipe) of `model` over the whole evaluation set (all processes'
+    batches, without the padding duplicates)."""
     model.eval()
     predictions, references = [], []
     with torch.no_grad():
@@ -149,7 +158,7 @@ def evaluate(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator)
             predicted, labels = accelerator.gather_for_metrics((logits.argmax(dim=-1), batch["labels"]))
             predictions.append(predicted.cpu().numpy())
             references.append(labels.cpu().numpy())
-    return float(np.mean(np.concatenate(predictions) == np.concatenate(references)))
+    return metric.compute(np.concatenate(predictions), np.concatenate(references))
 
 
 def log_step_cost(
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
     )
+    metric = load_metric(data_args.metric)
     set_seed(args.seed)
     processes = accelerator if accelerator.num_processes > 1 else None
 
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
         logger.info("Froze blocks %s before the first step.", [event["block"] for event in new])
     cost_batch = probe if freeze_args.cost_report else None
     cost_pending = cost_batch is not None
-    accuracy = 0.0
+    scores = {}
     running_loss, running_steps = torch.zeros((), device=accelerator.device), 0
     progress_bar = tqdm(total=max_steps, disable=not accelerator.is_local_main_process)
     for epoch in range(args.num_train_epochs):
@@ -328,12 +338,12 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
                 )
 
         with wrapper.restored():
-            accuracy = evaluate(model, eval_dataloader, accelerator)
-        logger.info("Epoch %d: eval accuracy %.4f.", epoch + 1, accuracy)
+            scores = evaluate(model, eval_dataloader, accelerator, metric)
+        logger.info("Epoch %d: eval %s.", epoch + 1, scores)
     progress_bar.close()
 
     results = {
-        "eval_accuracy": accuracy,
+        **{f"eval_{key}": value for key, value in scores.items()},
         "epoch": float(args.num_train_epochs),
         "frozen_blocks": len(engine.frozen),
         "discarded_prefix": wrapper.discarded_position,
@@ -354,4 +364,4 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_user_errors("train_image_classifier_no_trainer.py", main))

@@ -9,7 +9,10 @@ import json
 import re
 from urllib.parse import unquote
 
-import httpx2
+try:
+    import httpx2
+except ImportError:  # huggingface_hub 1.x, as in recipes/check_lowest_dependencies.sh
+    import httpx as httpx2
 import yaml
 from huggingface_hub import set_client_factory
 from huggingface_hub.utils._http import default_client_factory
@@ -86,7 +89,9 @@ class FakeHub:
             return httpx2.Response(409, json={"error": "You already created this dataset repo", "url": url})
         assert body["type"] == "dataset" and request.headers["authorization"] == "Bearer hf_fake_token"
         gitattributes = {".gitattributes": b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"}
-        self.repos[repo_id] = {"visibility": body.get("visibility"), "history": [(_sha("init"), gitattributes)]}
+        # huggingface_hub 2 sends `visibility`, 1.x a `private` flag.
+        visibility = body.get("visibility") or {True: "private", False: "public"}.get(body.get("private"))
+        self.repos[repo_id] = {"visibility": visibility, "history": [(_sha("init"), gitattributes)]}
         return httpx2.Response(200, json={"url": url, "name": repo_id})
 
     def _revision(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]]:

@@ -36,6 +36,7 @@ from hf_freezecache.cache import (
 )
 from hf_freezecache.cache.codecs import int8, zfp
 from hf_freezecache.cache.manifest import MANIFEST_NAME, file_sha256
+from hf_freezecache.cache.manifest.integrity import manifest_seal
 from hf_freezecache.data import collate_image_batch, load_image_classification
 from hf_freezecache.models import CifarResNet, get_block_adapter
 
@@ -260,9 +261,11 @@ def _copy(exported: Path, tmp_path: Path) -> Path:
 
 
 def _edit_manifest(folder: Path, **changes) -> None:
+    """Edits the manifest and reseals it, as a forger would, so that only the checks after the seal can object."""
     path = folder / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     manifest.update(changes)
+    manifest["seal"] = manifest_seal(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -340,7 +343,7 @@ def test_wrong_rows_are_refused(exported, tmp_path, transform, message):
         ({"chunk_size": True}, "invalid chunk_size True; expected an integer >= 1"),
         ({"dtype": "float64"}, "invalid dtype 'float64'; expected 'float32'"),
         ({"layout": "zip"}, "invalid layout 'zip'; expected 'arrow' or 'parquet'"),
-        ({"format_version": 2}, "written by a newer hf_freezecache"),
+        ({"format_version": 3}, "written by a newer hf_freezecache"),
         (
             {"shards": {"../outside.parquet": "0" * 64}},
             r"invalid shard paths \['../outside.parquet'\]; expected \['data/train-00000-of-00001.parquet'\]",

@@ -115,7 +115,7 @@ def test_shards_depend_on_the_rows_alone_not_on_how_many_come_at_a_time(tmp_path
         folder = tmp_path / f"pieces-{len(pieces)}"
         folder.mkdir()
         # Rows of 800 bytes before encoding: record batches of 10 rows, 3 and 2 in shards of at most 8,000 bytes.
-        with shards.ShardWriter(str(folder), row_features({}), 8_000, 800) as writer:
+        with shards.ShardWriter(str(folder), row_features({}), 8_000, 800, "0" * 32) as writer:
             start = 0
             for size in pieces:
                 piece = rows[start : start + size]

@@ -4,13 +4,14 @@ Data flows one way: `builder` runs the frozen prefix over images (and, for `side
 images) and encodes chunks with a `codecs` codec into `datasets` shards described by a `manifest`; `reader` verifies
 and unpacks them; `dataset` serves their samples from disk, host memory or device memory (`memory`, `resident`) as
 `packed` batches that are decoded on the training device; `sampler` orders samples so each chunk is read once per
-epoch; `hub` exports a cache in the Hub dataset-repo layout, pushes it and loads it back. The builder, the reader
-and the Hub export all take the row columns from `manifest`, never from one another.
+epoch; `hub` exports a cache in the Hub dataset-repo layout, pushes it and loads it back; `store` reads and
+writes caches at URLs on any fsspec store. The builder, the reader and the Hub export all take the row columns from
+`manifest`, never from one another.
 """
 
 from .builder import build_activation_cache, check_destination, prefix_in_eval, remove_partial_builds
 from .codecs import CODECS, ActivationCodec, build_codec, register_codec
-from .compatibility import check_cache_fits_model
+from .compatibility import check_cache_fits_model, check_eval_cache_matches
 from .dataset import CachedActivationDataset
 from .hub import export_cache, load_cache, push_cache_to_hub
 from .manifest import (
@@ -44,6 +45,7 @@ __all__ = [
     "build_codec",
     "build_sidecar",
     "check_cache_fits_model",
+    "check_eval_cache_matches",
     "check_destination",
     "choose_memory",
     "dataset_fingerprint",

@@ -56,3 +56,38 @@ def check_cache_fits_model(cache: ActivationCache, adapter: BlockAdapter) -> Non
     finally:
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
+
+
+def check_eval_cache_matches(eval_cache: ActivationCache, train_cache: ActivationCache) -> None:
+    """Checks that `eval_cache` holds activations of the same prefix as `train_cache`, so evaluating the suffix on it
+    measures the model being trained.
+
+    The two must agree on the model (family, class, number of blocks), the block position, the prefix weights and
+    the shape of a sample. Their datasets, codecs, chunk sizes and sidecars may differ. ViT activations have the same
+    shape at every position, so the shape alone would not catch an evaluation cache of another position.
+
+    Raises:
+        CacheMismatchError: naming every part that differs, with both caches' folders.
+    """
+    found, expected = eval_cache.manifest, train_cache.manifest
+
+    def differs(part: str) -> bool:
+        return found.fingerprint_parts.get(part) != expected.fingerprint_parts.get(part)
+
+    differing = []
+    if differs("model") or (found.model_family, found.model_class) != (expected.model_family, expected.model_class):
+        differing.append(f"model ({found.model_class} vs {expected.model_class})")
+    if found.model_num_blocks != expected.model_num_blocks:
+        differing.append(f"number of blocks ({found.model_num_blocks} vs {expected.model_num_blocks})")
+    if differs("position") or found.position != expected.position:
+        differing.append(f"block position ({found.position} vs {expected.position})")
+    if differs("prefix_weights"):
+        differing.append("prefix weights")
+    if found.sample_shape != expected.sample_shape:
+        differing.append(f"sample shape ({tuple(found.sample_shape)} vs {tuple(expected.sample_shape)})")
+    if differing:
+        raise CacheMismatchError(
+            f"The evaluation cache in {eval_cache.folder} was not built from the prefix of the training cache in "
+            f"{train_cache.folder} (differs in: {', '.join(differing)}); evaluating on it would measure another "
+            "model. Build both with the same model, prefix weights and position."
+        )

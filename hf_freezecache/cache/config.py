@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,3 +131,24 @@ class CacheConfig:
         else:
             params = {"name": self.codec}
         return build_codec(params).config()
+
+
+def parse_storage_options(text: str | None, flag: str = "--cache_storage_options") -> dict[str, Any]:
+    """The storage options of a URL's store, given on the command line as a JSON object (None or empty: none).
+
+    Args:
+        text (`str`, *optional*): The flag's value.
+        flag (`str`): The flag's name, for the message.
+
+    Raises:
+        ValueError: `text` is not a JSON object.
+    """
+    if text is None or not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"anon\": true}}', got {text!r}.")
+    return options

@@ -42,6 +42,11 @@ class CachedActivationDataset(Dataset):
       the decoding (`ActivationCodec.expand`) runs on `device`; needs a codec that decodes on the device;
     - `"auto"`: `choose_memory` picks one from the codec and the free memory.
 
+    DataLoader workers started with spawn or forkserver get the cache's folder and manifest only, and reopen its
+    shards memory-mapped (`"disk"` and `"host"` alike: the OS page cache shares the pages between processes; the
+    shards' checksums are not verified again, but a folder that now holds another cache is refused); with
+    `"device"` they get the store's key. Forked workers share the training process's memory as it is.
+
     With `decode_on_device=True`, items hold a `PackedSample` instead of decoded tensors: `FreezeCacheCollator`
     gathers them into a `PackedBatch`, which travels to the training device compressed and is decoded there
     (`FreezeCacheCollator.finish`). Otherwise batches are decoded here, on the CPU, by the same code.
@@ -172,7 +177,13 @@ class CachedActivationDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # A worker process gets the store's key only: the batches it collates name the store, which stays in (and
-        # is read by) the training process.
+        # is read by) the training process. The cache pickles as its folder and manifest (`ActivationCache` reopens
+        # it), and the labels are taken from it again, so that the pickle's size does not grow with the cache.
         state = self.__dict__.copy()
         state.update(_pool=None, _pool_pid=None, _recent=OrderedDict(), _store=None)
+        del state["_labels"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._labels = torch.tensor(self.cache.labels)

@@ -1,4 +1,5 @@
-"""Sharing activation caches on the Hugging Face Hub: the dataset-repo parquet layout, upload and download.
+"""Sharing activation caches: export (in the Hub layout, `export.py`), upload to the Hub, and loading from a folder,
+a Hub repo or a URL (`store.py`).
 
 A cache on the Hub is a dataset repo that `datasets.load_dataset` reads like any other (`data/<split>-*.parquet`,
 declared in the card's `configs`), plus the cache's manifest, whose `shards` hold the sha256 of every parquet file.
@@ -8,39 +9,25 @@ the rows before any chunk is decoded, and only JSON and parquet are read (never 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
 import tempfile
-import uuid
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import CommitInfo, HfApi, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from tqdm.auto import tqdm
 
-from .manifest import (
-    CARD_NAME,
-    LAYOUT_PARQUET,
-    MANIFEST_NAME,
-    SPLIT_NAME,
-    CacheManifest,
-    cache_features,
-    file_sha256,
-)
+from .export import write_hub_layout
+from .manifest import CARD_NAME, LAYOUT_PARQUET, MANIFEST_NAME
 from .reader import ActivationCache
+from .store import CacheStore, is_url, local_scratch
 
 logger = logging.getLogger(__name__)
 
 #: What a cache repo holds; the rest of a repo (e.g. `.gitattributes`) is neither downloaded nor needed.
 HUB_FILES = [MANIFEST_NAME, CARD_NAME, "data/*"]
-# Parquet row groups of about this size: small enough for the dataset viewer, large enough to read fast.
-_ROW_GROUP_BYTES = 100 << 20
 
 
 def export_cache(
@@ -50,6 +37,8 @@ def export_cache(
     split: str = "train",
     max_shard_size: str | int = "500MB",
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    local_dir: str | os.PathLike | None = None,
 ) -> str:
     """Writes the cache in `cache_dir` in the Hub dataset-repo layout, ready for `push_cache_to_hub`.
 
@@ -59,16 +48,21 @@ def export_cache(
     is checked (`ActivationCache.load`, checksums included) before anything is written; the folder is written under
     a temporary name and renamed once complete. The fingerprint is unchanged: the rows are the same bytes.
 
+    Either may be a URL (`load_cache`): an export to a URL is written locally, then uploaded, its manifest last.
+
     Args:
-        cache_dir (`str` or `os.PathLike`): A cache folder, in either layout.
+        cache_dir (`str` or `os.PathLike`): A cache folder (in either layout) or URL.
         output_dir (`str` or `os.PathLike`): Where to write; must not exist or be empty.
         split (`str`, *optional*, defaults to `"train"`): The split name of the rows (letters, digits, `_`).
         max_shard_size (`str` or `int`, *optional*, defaults to `"500MB"`): Largest parquet shard, in bytes or
             as a string like `"500MB"`; a row is never split, so a shard holds at least one row.
         progress (`bool`, *optional*, defaults to `True`): Show a progress bar over the shards.
+        storage_options (`dict`, *optional*): Options of the store of a URL (credentials, endpoint...).
+        local_dir (`str`, *optional*): Local folder of the download of a URL `cache_dir`, and of the export to a
+            URL `output_dir` before it is uploaded (default `$HF_HOME/hf_freezecache`).
 
     Returns:
-        `str`: The absolute path of `output_dir`.
+        `str`: The absolute path of `output_dir`, or its URL.
 
     Raises:
         FileNotFoundError: `cache_dir` does not exist.
@@ -76,73 +70,24 @@ def export_cache(
         FileExistsError: `output_dir` exists and is not empty.
         ValueError: `split` or `max_shard_size` is invalid, or `output_dir` is `cache_dir`.
     """
-    cache = ActivationCache.load(cache_dir)
-    output_dir = os.path.abspath(output_dir)
-    _export(cache, output_dir, split=split, max_shard_size=max_shard_size, progress=progress)
-    return output_dir
-
-
-def _export(
-    cache: ActivationCache, output_dir: str, *, split: str, max_shard_size: str | int, progress: bool
-) -> CacheManifest:
-    """Writes `cache` into `output_dir` in the Hub layout; returns the manifest written there."""
-    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
-        raise ValueError(f"Invalid split name {split!r}: use letters, digits and '_' (dot-separated), e.g. 'train'.")
-    max_bytes = convert_file_size_to_int(max_shard_size)
-    if max_bytes < 1:
-        raise ValueError(f"max_shard_size must be a positive size (e.g. '500MB'), got {max_shard_size!r}.")
-    if output_dir == os.path.abspath(cache.folder):
-        raise ValueError(f"Cannot export the cache in {output_dir} onto itself: choose another output_dir.")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir} exists and is not empty: export_cache writes into a new folder.")
-
-    features = cache_features(cache.manifest)
-    table = cache.rows.data.table.select(list(features)).cast(features.arrow_schema)
-    row_bytes = _row_bytes(table)
-    bounds = _shard_bounds(row_bytes, max_bytes)
-    staging = f"{output_dir}.partial-{uuid.uuid4().hex[:8]}"
-    os.makedirs(os.path.join(staging, "data"))
+    if is_url(cache_dir):
+        cache = load_cache(cache_dir, storage_options=storage_options, download_dir=local_dir, progress=progress)
+    else:
+        cache = ActivationCache.load(cache_dir)
+    options = dict(split=split, max_shard_size=max_shard_size, progress=progress)
+    if not is_url(output_dir):
+        write_hub_layout(cache, os.path.abspath(output_dir), **options)
+        return os.path.abspath(output_dir)
+    store = CacheStore(os.fspath(output_dir), storage_options)
+    if not store.is_empty():
+        raise FileExistsError(f"{store.url} exists and is not empty: export_cache writes into a new folder.")
+    scratch = local_scratch(local_dir, "export-")
     try:
-        shards = {}
-        bar = tqdm(bounds, desc="Exporting activation cache", unit="shard", disable=not progress)
-        for index, (start, stop) in enumerate(bar):
-            name = f"data/{split}-{index:05d}-of-{len(bounds):05d}.parquet"
-            rows = table.slice(start, stop - start)
-            row_group = max(1, _ROW_GROUP_BYTES * rows.num_rows // max(1, sum(row_bytes[start:stop])))
-            pq.write_table(rows, os.path.join(staging, name), row_group_size=row_group)
-            shards[name] = file_sha256(os.path.join(staging, name))
-        manifest = dataclasses.replace(cache.manifest, shards=shards, layout=LAYOUT_PARQUET, split=split)
-        manifest.save(staging)
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)
-        os.rename(staging, output_dir)
+        manifest = write_hub_layout(cache, os.path.join(scratch, "cache"), **options)
+        store.publish(os.path.join(scratch, "cache"), list(manifest.shards), progress=progress)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info(
-        "Exported the activation cache in %s to %s (%d parquet shards).", cache.folder, output_dir, len(bounds)
-    )
-    return manifest
-
-
-def _row_bytes(table: pa.Table) -> list[int]:
-    """Approximate stored bytes of each row: its binary payloads plus 8 bytes per label and index."""
-    sizes = pc.multiply(pc.list_value_length(table["indices"]), 16)
-    for name in table.column_names:
-        if pa.types.is_binary(table.schema.field(name).type):
-            sizes = pc.add(sizes, pc.binary_length(table[name]))
-    return sizes.to_pylist()
-
-
-def _shard_bounds(row_bytes: list[int], max_bytes: int) -> list[tuple[int, int]]:
-    """Consecutive `(start, stop)` row ranges of at most `max_bytes` each (at least one row per shard)."""
-    bounds, start, size = [], 0, 0
-    for row, nbytes in enumerate(row_bytes):
-        if row > start and size + nbytes > max_bytes:
-            bounds.append((start, row))
-            start, size = row, 0
-        size += nbytes
-    bounds.append((start, len(row_bytes)))
-    return bounds
+        shutil.rmtree(scratch, ignore_errors=True)
+    return store.url
 
 
 def push_cache_to_hub(
@@ -196,7 +141,7 @@ def push_cache_to_hub(
             folder, shards = cache.folder, list(manifest.shards)
         else:
             folder = os.path.join(scratch, "cache")
-            shards = list(_export(cache, folder, split="train", max_shard_size="500MB", progress=True).shards)
+            shards = list(write_hub_layout(cache, folder, split="train", max_shard_size="500MB", progress=True).shards)
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
         return api.upload_folder(
@@ -219,35 +164,50 @@ def load_cache(
     download_dir: str | os.PathLike | None = None,
     expected_fingerprint: str | dict[str, str] | None = None,
     verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> ActivationCache:
-    """Opens an activation cache from a local folder (either layout) or a Hub dataset repo.
+    """Opens an activation cache from a local folder (either layout), a Hub dataset repo, or a URL on any fsspec
+    store (`s3://bucket/path`, `gs://`, `hf://`, `file://`, `memory://`).
 
     A Hub repo is downloaded with `huggingface_hub.snapshot_download` (only the manifest, the card and `data/*`;
-    files already in the local Hub cache are not downloaded again). Either way the cache is checked before any
-    chunk is decoded (`ActivationCache.load`): the manifest's fields, the fingerprint, the shards' checksums, their
-    columns and types, the row count and order. Only JSON, Arrow and parquet are read; nothing is unpickled.
+    files already in the local Hub cache are not downloaded again); a URL is copied by `CacheStore.download` (the
+    manifest checked before any shard is fetched, each shard checked as it arrives; a later call reuses the copy).
+    Either way the cache is checked before any chunk is decoded (`ActivationCache.load`): the manifest's fields, the
+    fingerprint, the shards' checksums, their columns and types, the row count and order. Only JSON, Arrow and
+    parquet are read; nothing is unpickled.
 
     Args:
-        repo_id_or_path (`str` or `os.PathLike`): A cache folder, or a Hub dataset repo id (`"namespace/name"`).
-            An existing folder wins over a repo of the same name.
+        repo_id_or_path (`str` or `os.PathLike`): A cache folder, a Hub dataset repo id (`"namespace/name"`), or a
+            URL (`protocol://...`). An existing folder wins over a repo of the same name.
         revision (`str`, *optional*): Branch, tag or commit of the Hub repo (default: the main branch).
         token (`str`, *optional*): Hub token, for private repos; default: the saved login or `HF_TOKEN`.
         download_dir (`str` or `os.PathLike`, *optional*): The Hub cache folder to download into (default:
-            `HF_HUB_CACHE`).
+            `HF_HUB_CACHE`), or for a URL the folder of the local copies.
         expected_fingerprint (`str` or `dict[str, str]`, *optional*): Refuse a cache without this fingerprint (as on
             the card) or these fingerprint parts (`fingerprint_parts(...)`).
         verify (`bool`, *optional*, defaults to `True`): Check the shards' sha256 against the manifest.
+        storage_options (`dict`, *optional*): Options of the store of a URL (credentials, endpoint...), as
+            `fsspec.filesystem` takes them.
+        progress (`bool`, *optional*, defaults to `True`): Show a progress bar while downloading from a URL.
 
     Returns:
         `ActivationCache`: The cache, ready for `CachedActivationDataset`.
 
     Raises:
-        FileNotFoundError: `repo_id_or_path` is neither a folder nor an existing Hub dataset repo.
+        FileNotFoundError: `repo_id_or_path` is neither a folder nor an existing Hub dataset repo, or a URL without
+            a cache manifest.
         CacheMismatchError: the cache does not have `expected_fingerprint`.
         CorruptCacheError: the cache fails a check (the message names the file and the problem).
-        ValueError: `revision` is given for a local folder.
+        ValueError: `revision` is given for a local folder or a URL, or the URL's store cannot be opened.
     """
     path = os.fspath(repo_id_or_path)
+    if is_url(path):
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repo ids; {path} is a URL.")
+        store = CacheStore(path, storage_options)
+        folder = store.download(download_dir, expected_fingerprint=expected_fingerprint, progress=progress)
+        return ActivationCache.load(folder, expected_fingerprint=expected_fingerprint, verify=verify)
     if os.path.isdir(path):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {path} is a local folder.")

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ._payloads import PayloadColumn
 from .codecs import ActivationCodec, build_codec
 from .manifest import (
     LAYOUT_ARROW,
@@ -23,6 +24,7 @@ from .manifest import (
     describe_mismatch,
     verify_shards,
 )
+from .manifest.integrity import check_binding
 from .packed import ArrayLayout, Int32Values
 from .sidecars import SIDECAR_COLUMN_PREFIX
 
@@ -53,7 +55,7 @@ class ActivationCache:
             if rows.data.column(column).null_count:
                 raise CorruptCacheError(f"{folder}: column {column!r} has empty (null) rows.")
         columns = {DATA: DATA, **{name: SIDECAR_COLUMN_PREFIX + name for name in manifest.sidecar_arrays}}
-        self._payloads = {name: _PayloadColumn(rows.data.column(column)) for name, column in columns.items()}
+        self._payloads = {name: PayloadColumn(rows.data.column(column)) for name, column in columns.items()}
         full = min(manifest.chunk_size, manifest.num_samples)
         self.layouts: dict[str, ArrayLayout] = {DATA: ArrayLayout(self.codec, (full, *manifest.sample_shape))}
         for name, spec in manifest.sidecar_arrays.items():
@@ -87,8 +89,9 @@ class ActivationCache:
     ) -> ActivationCache:
         """Opens the cache in `folder`, in either layout (the manifest says which), checking it before any decoding.
 
-        In order: the manifest (`check_manifest`: types, ranges, codec), the fingerprint, the shards' sha256 (with
-        `verify`), each shard's columns and types (from its header, before its rows are read) and the row count;
+        In order: the manifest (`check_manifest`: types, ranges, codec, its seal), the fingerprint, the shards'
+        sha256 (with `verify`), each shard's columns, types and binding to this cache (from its header, before its
+        rows are read) and the row count;
         then the rows are opened (Arrow shards memory-mapped; parquet shards converted once into the `datasets`
         cache, as `datasets.load_dataset` does) and their `indices` checked. Only JSON, Arrow and parquet are read.
 
@@ -208,14 +211,40 @@ class ActivationCache:
             self.decode_calls += 1
             self.decode_seconds += seconds
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_lock")
-        return state
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy (a DataLoader worker started with spawn or forkserver, or `copy.deepcopy`) reopens the folder:
+        # pickling the rows and payloads would copy the whole cache into every worker.
+        return type(self)._reopen, (self.folder, self.manifest, self.decode_calls, self.decode_seconds)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    @classmethod
+    def _reopen(
+        cls, folder: str, manifest: CacheManifest, decode_calls: int, decode_seconds: float
+    ) -> ActivationCache:
+        """The cache with `manifest` opened again from `folder`, rows memory-mapped, for a copy in another process.
+
+        Payloads that the original held in memory (`load_into_memory`) are read from the memory-mapped shards here:
+        the OS page cache shares them between processes. The shards' sha256 are not verified again (the process that
+        opened the cache did), but the manifest on disk must still have the fingerprint and shards of `manifest`.
+
+        Raises:
+            CacheMismatchError: `folder` now holds another cache, or a rebuild of it (other shard checksums).
+        """
+        found = CacheManifest.load(folder)
+        copy_note = "a copy of it (e.g. in a DataLoader worker) reads only the cache that was opened; restart the run"
+        if found.fingerprint != manifest.fingerprint:
+            differs = describe_mismatch(manifest.fingerprint_parts, found.fingerprint_parts)
+            raise CacheMismatchError(
+                f"The activation cache in {folder} was replaced after it was opened (differs in: {differs}); "
+                f"{copy_note}."
+            )
+        if found.shards != manifest.shards:
+            raise CacheMismatchError(
+                f"The activation cache in {folder} was rebuilt after it was opened (its shards' sha256 changed); "
+                f"{copy_note}."
+            )
+        cache = cls(folder, manifest, _open_rows(folder, manifest))
+        cache.decode_calls, cache.decode_seconds = decode_calls, decode_seconds
+        return cache
 
 
 def _open_rows(folder: str, manifest: CacheManifest) -> datasets.Dataset:
@@ -237,6 +266,7 @@ def _open_rows(folder: str, manifest: CacheManifest) -> datasets.Dataset:
         except (OSError, pa.ArrowException) as error:
             raise CorruptCacheError(f"Cache shard {path} cannot be read as {manifest.layout}: {error}") from error
         _check_schema(path, schema, expected)
+        check_binding(path, schema, manifest.fingerprint)
     if num_rows != manifest.num_chunks:
         raise CorruptCacheError(f"{folder} has {num_rows} rows; its manifest says {manifest.num_chunks}.")
     if manifest.layout == LAYOUT_ARROW:
@@ -262,35 +292,3 @@ def _check_schema(path: str, schema: pa.Schema, expected: pa.Schema) -> None:
         found = schema.field(field.name).type
         if not same_type(found, field.type):
             raise CorruptCacheError(f"Cache shard {path}: column {field.name!r} is {found}, expected {field.type}.")
-
-
-class _PayloadColumn:
-    """Row payloads of a binary Arrow column, as zero-copy `memoryview`s (of the memory-mapped shard, or of a copy in
-    process memory after `load_into_memory`): `as_py` would copy every payload into a new `bytes`."""
-
-    def __init__(self, column: pa.ChunkedArray) -> None:
-        self._pieces = [self._views(piece) for piece in column.chunks if len(piece)]
-        self._starts = np.cumsum([0] + [len(offsets) - 1 for offsets, _ in self._pieces])
-        self.memory_bytes = 0
-
-    @staticmethod
-    def _views(piece: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        _, offsets, values = piece.buffers()
-        offsets = np.frombuffer(offsets, dtype=np.int32)[piece.offset : piece.offset + len(piece) + 1]
-        return offsets.astype(np.int64), np.frombuffer(values, dtype=np.uint8) if values is not None else np.zeros(
-            0, np.uint8
-        )
-
-    def load_into_memory(self) -> None:
-        pieces = []
-        for offsets, values in self._pieces:
-            held = values[offsets[0] : offsets[-1]].copy()
-            pieces.append((offsets - offsets[0], held))
-        self._pieces = pieces
-        self.memory_bytes = sum(values.nbytes for _, values in pieces)
-
-    def __getitem__(self, row: int) -> memoryview:
-        piece = int(np.searchsorted(self._starts, row, side="right")) - 1
-        offsets, values = self._pieces[piece]
-        local = row - int(self._starts[piece])
-        return memoryview(values[offsets[local] : offsets[local + 1]])

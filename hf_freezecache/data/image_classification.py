@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+from datasets.exceptions import DatasetNotFoundError
 from torchvision import transforms
 
 #: The class-balanced CIFAR-10 subset shipped in the package (5,000 train / 1,000 test; see its README.md).
@@ -47,6 +48,26 @@ def _find_column(dataset: datasets.Dataset, candidates: tuple[str, ...], what: s
     )
 
 
+def _load_dataset(name_or_path: str) -> datasets.DatasetDict:
+    """`datasets.load_dataset(name_or_path)`, refusing in one line a path that is no folder and a Hub id that cannot
+    be loaded (`datasets` would try a missing relative folder on the Hub)."""
+    if os.path.isfile(name_or_path):
+        raise ValueError(f"Dataset {name_or_path!r} is a file: give a dataset folder or a Hub dataset id.")
+    local = os.path.isdir(name_or_path)
+    if not local and (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))):
+        raise FileNotFoundError(f"Dataset folder {name_or_path!r} does not exist.")
+    try:
+        return datasets.load_dataset(name_or_path)
+    except (ConnectionError, DatasetNotFoundError) as error:
+        if local:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"Dataset {name_or_path!r} is not a local folder and could not be loaded from the Hub ({reason}); give "
+            "a dataset folder, or check the id and the connection."
+        ) from error
+
+
 def load_image_classification(
     name_or_path: str = EMBEDDED_CIFAR10,
     train_split: str = "train",
@@ -72,7 +93,7 @@ def load_image_classification(
         mean, std: Normalisation.
         augment (`bool`): Random crop + flip on the training split.
     """
-    raw = datasets.load_dataset(name_or_path)
+    raw = _load_dataset(name_or_path)
     for split in (train_split, eval_split):
         if split not in raw:
             raise ValueError(f"Split {split!r} not in {name_or_path}; it has {', '.join(raw)}.")

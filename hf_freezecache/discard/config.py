@@ -7,7 +7,7 @@ from typing import Any
 
 from ..augmentation import AUGMENTATIONS
 from ..cache import SIDECARS
-from ..cache.config import CacheConfig
+from ..cache.config import CacheConfig, parse_storage_options
 from ..cache.sidecars.base import SidecarConfig
 
 
@@ -32,7 +32,22 @@ class DiscardConfig:
         default=None,
         metadata={
             "help": "Folder of the activation caches (one subfolder per position); default "
-            "<output_dir>/activation_cache."
+            "<output_dir>/activation_cache. A URL (s3://bucket/path, gs://, hf://, file://) puts them on that store "
+            "(see --cache_storage_options), reachable from machines that share no file system."
+        },
+    )
+    cache_storage_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "With a URL in --cache_dir: the store's fsspec options as a JSON object (credentials, endpoint, "
+            'profile...), as datasets and huggingface_hub take them, e.g. \'{"profile": "training"}\'.'
+        },
+    )
+    cache_local_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With a URL in --cache_dir: the local folder where each process stages its share of a build "
+            "before uploading it, and where caches are downloaded to be read; default $HF_HOME/hf_freezecache."
         },
     )
     augmentation: str = field(
@@ -48,6 +63,7 @@ class DiscardConfig:
 
     def __post_init__(self) -> None:
         self.parsed_positions()
+        self.storage_options()
         if self.augmentation != "auto" and self.augmentation not in AUGMENTATIONS:
             raise ValueError(
                 f"--feature_augmentation {self.augmentation!r} is not known; choose 'auto' or "
@@ -85,6 +101,14 @@ class DiscardConfig:
                 f"got {self.positions!r}."
             )
         return positions
+
+    def storage_options(self) -> dict[str, Any]:
+        """`cache_storage_options` parsed: the options of the store of a URL `cache_dir` (empty when not given).
+
+        Raises:
+            ValueError: `cache_storage_options` is not a JSON object.
+        """
+        return parse_storage_options(self.cache_storage_options)
 
     def enabled_sidecars(self) -> list[SidecarConfig]:
         """The configs of the sidecars these options store with a training cache."""

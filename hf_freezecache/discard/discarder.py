@@ -110,7 +110,8 @@ class PrefixDiscarder:
             estimates = [estimate_cache_bytes(self.model, p, self.config, probe, count) for p in positions]
         needed = sum(estimates) if self._positions else max(estimates)
         # Each shard is written once, so a build needs the cache's size and no more.
-        check_destination(self.cache_folder(positions[0]), needed)
+        config = self.config
+        check_destination(self.cache_folder(positions[0]), needed, config.storage_options(), config.cache_local_dir)
 
     def discard(
         self,

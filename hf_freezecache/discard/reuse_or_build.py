@@ -21,8 +21,10 @@ from ..cache import (
     build_codec,
     check_destination,
     dataset_fingerprint,
+    load_cache,
     prefix_in_eval,
 )
+from ..cache.store import CacheStore, is_url
 from ..model import FreezeCacheModel
 from .config import DiscardConfig
 from .request import requested_fingerprint, requested_sidecars
@@ -93,10 +95,15 @@ def reuse_or_build_cache(
     exception on any process while deciding, building or loading stops every process with its message
     (`all_or_none`). The prefix must be on its device (see `FreezeCacheModel.restored`).
 
+    `folder` may be a URL (`config.cache_storage_options` opens its store): the main process reads the manifest
+    there and compares its fingerprint parts before downloading anything; a cache without a manifest there (none,
+    or an unfinished build) is built. Every process then reads a local copy (`load_cache`): the first process of each
+    machine downloads it, the others of that machine find it (`config.cache_local_dir`).
+
     Args:
         model (`FreezeCacheModel`): The model whose prefix runs.
         position (`int`): Block position of the cache.
-        folder (`str`): Where the cache is (or goes).
+        folder (`str`): Where the cache is (or goes): a folder or a URL.
         config (`DiscardConfig`): The cache's options: codec, chunking, sidecars.
         images (`Dataset`): The images the prefix runs over, without random augmentation.
         settings (`CacheBuildSettings`): Where and how the prefix pass runs.
@@ -110,6 +117,7 @@ def reuse_or_build_cache(
     """
     folder = os.fspath(folder)
     processes, main = settings.processes, settings.is_main_process
+    options = config.storage_options()
     where = f"the activation cache at block {position} ({folder})"
     with all_or_none(processes, f"Checking {where}"):
         if processes is not None and processes.num_processes > 1:
@@ -126,15 +134,17 @@ def reuse_or_build_cache(
             settings.seed,
         )
         reuse = False
-        if main and os.path.isdir(folder):
+        if main and (CacheStore(folder, options).has_manifest() if is_url(folder) else os.path.isdir(folder)):
             try:
-                ActivationCache.load(folder, expected_fingerprint=parts)
+                _load(folder, parts, config, verify=True, progress=settings.progress)
                 reuse = True
             except CacheMismatchError as error:
                 logger.warning("%s Rebuilding it.", error)
         if not reuse and main and probe is not None:
-            check_destination(folder, estimate_cache_bytes(model, position, config, probe, len(images)))
-    if not broadcast_from_main(reuse, processes):
+            needed = estimate_cache_bytes(model, position, config, probe, len(images))
+            check_destination(folder, needed, options, config.cache_local_dir)
+    reuse = broadcast_from_main(reuse, processes)
+    if not reuse:
         build_activation_cache(
             model.adapter,
             position,
@@ -154,7 +164,29 @@ def reuse_or_build_cache(
             augmented_dataset=augmented_images if with_sidecars else None,
             seed=settings.seed,
             processes=processes,
+            storage_options=options,
+            local_dir=config.cache_local_dir,
         )
+    if is_url(folder):
+        # One download per machine: its first process fetches the copy that the others of the machine then open.
+        with all_or_none(processes, f"Downloading {where}"):
+            if getattr(processes, "local_process_index", 0) == 0:
+                store = CacheStore(folder, options)
+                store.download(config.cache_local_dir, expected_fingerprint=parts, progress=main and settings.progress)
     with all_or_none(processes, f"Loading {where}"):
-        cache = ActivationCache.load(folder, expected_fingerprint=parts, verify=main)
+        cache = _load(folder, parts, config, verify=main, progress=False)
     return cache, reuse
+
+
+def _load(folder: str, parts: dict[str, str], config: DiscardConfig, verify: bool, progress: bool) -> ActivationCache:
+    """The cache in `folder`, or the local copy of the one at the URL `folder`, checked against `parts`."""
+    if not is_url(folder):
+        return ActivationCache.load(folder, expected_fingerprint=parts, verify=verify)
+    return load_cache(
+        folder,
+        expected_fingerprint=parts,
+        verify=verify,
+        storage_options=config.storage_options(),
+        download_dir=config.cache_local_dir,
+        progress=progress,
+    )

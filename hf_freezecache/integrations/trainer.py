@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 from transformers import Trainer, TrainingArguments
 
-from ..cache import ActivationCache, CachedActivationDataset, ChunkShuffleSampler
+from ..cache import ActivationCache, CachedActivationDataset, ChunkShuffleSampler, check_eval_cache_matches
 from ..config import FreezeCacheArguments
 from ..discard import DiscardableTrainDataset, FreezeCacheCollator, PrefixDiscarder
 from ..model import FreezeCacheModel
@@ -44,7 +44,8 @@ class FreezeCacheTrainer(Trainer):
 
     With `activation_cache` (e.g. from `load_cache`), only the suffix trains, from that cache, from the first step:
     no training images and no prefix weights are needed, and evaluation datasets may be caches of the evaluation
-    split (`CachedActivationDataset`); evaluating on images would run the model's own (untrained) prefix.
+    split (`CachedActivationDataset`), which must hold the same prefix's activations (`check_eval_cache_matches`:
+    model, position, prefix weights); evaluating on images would run the model's own (untrained) prefix.
 
     Under distributed training (DDP), freezing relies on DDP's unused-parameter detection
     (`ddp_find_unused_parameters=True`, set here): the Trainer wraps the model once, before the first freeze, so
@@ -112,6 +113,10 @@ class FreezeCacheTrainer(Trainer):
                 decode_on_device=True,
             )
             train_dataset = DiscardableTrainDataset(None, cached=cached)
+            evaluations = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+            for evaluation in evaluations:
+                if isinstance(evaluation, CachedActivationDataset):
+                    check_eval_cache_matches(evaluation.cache, activation_cache)
         elif self.freeze_args.discard:
             if args is None or train_dataset is None:
                 raise ValueError("--discard true needs `args` and `train_dataset`.")

@@ -55,7 +55,10 @@ def get_block_adapter(
     inner = model.model if isinstance(model, ImageClassifierWrapper) else model
     for name, adapter_cls in ADAPTERS:
         if name != GenericBlockAdapter.family and adapter_cls.matches(inner):
-            return adapter_cls(inner)
+            adapter = adapter_cls(inner)
+            if inner is not model:
+                adapter.source = model_source(model)
+            return adapter
     raise ValueError(
         f"No block adapter for {type(inner).__module__}.{type(inner).__name__}. Supported families: "
         f"{', '.join(n for n in ADAPTERS.names() if n != GenericBlockAdapter.family)}. For another model, pass its "

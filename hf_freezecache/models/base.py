@@ -27,6 +27,10 @@ class BlockAdapter(ABC):
     family: ClassVar[str] = ""
     #: Tokens before the patch grid in a transformer's hidden states (CLS, distillation, registers); 0 for CNNs.
     num_special_tokens: int = 0
+    #: What the model was built from (`model_source` of the model as given), when the adapter views a model inside
+    #: a wrapper (a timm model in `ImageClassifierWrapper`), whose name only the wrapper knows; set by
+    #: `get_block_adapter`. None: `model_source(self.model)`.
+    source: tuple[str, str | None] | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

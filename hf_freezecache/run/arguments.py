@@ -71,8 +71,9 @@ class DataTrainingArguments:
     train_from_cache: str | None = field(
         default=None,
         metadata={
-            "help": "Train only the suffix, from this activation cache (a folder, or a Hub dataset id written by "
-            "push_cache_to_hub) instead of images: no training images and no prefix weights are needed."
+            "help": "Train only the suffix, from this activation cache (a folder, a Hub dataset id written by "
+            "push_cache_to_hub, or a URL such as s3://bucket/path with --cache_storage_options) instead of images: no "
+            "training images and no prefix weights are needed."
         },
     )
     eval_from_cache: str | None = field(
@@ -86,6 +87,14 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "With --train_from_cache: number of classes (default: the largest cached label + 1)."},
     )
+    metric: str = field(
+        default="accuracy",
+        metadata={
+            "help": "Evaluation metric (load_metric): an evaluate metric on the Hub or in the HF cache, or the folder "
+            "or .py file of a local evaluate metric module. When accuracy cannot be loaded (offline and not cached), "
+            "numpy top-1 accuracy computes it; the log says which ran."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_train_samples", "max_eval_samples"):
@@ -94,6 +103,11 @@ class DataTrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {value}.")
         if self.image_size < 1:
             raise ValueError(f"--image_size must be at least 1, got {self.image_size}.")
+        if not self.train_from_cache:
+            cache_only = ("eval_from_cache", "cache_revision", "num_labels")
+            given = [f"--{name}" for name in cache_only if getattr(self, name)]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with --train_from_cache, which is not given.")
 
     def load(self) -> ImageClassificationData:
         """The training and evaluation splits these options describe (`load_image_classification`)."""

@@ -26,7 +26,10 @@ class CacheBuildArguments:
     """Where the cache goes and what it covers."""
 
     output_dir: str = field(
-        metadata={"help": "Folder to write the cache to (kept if it holds this cache already, replaced otherwise)."}
+        metadata={
+            "help": "Folder or URL (s3://bucket/path, gs://, hf://, file://; see --cache_storage_options) to write "
+            "the cache to (kept if it holds this cache already, replaced otherwise)."
+        }
     )
     position: int = field(
         metadata={"help": "Block position: the cache holds the activations after blocks 0..position-1."}
@@ -72,7 +75,8 @@ def run_build_cache(arguments: BuildArguments) -> CacheManifest:
     Under `accelerate launch` with several processes, each builds its share (`build_activation_cache`). The
     training split's cache has the fingerprint training with the same options computes, so a run with
     `--cache_dir` pointing at its parent (and the cache in `position-<NN>`) reuses it instead of building it; and a
-    cache already in `--output_dir` with that fingerprint is kept (verified) rather than built again.
+    cache already in `--output_dir` with that fingerprint is kept (verified) rather than built again. `--output_dir`
+    may be a URL: the processes, on one machine or several, then need no shared file system.
     """
     model_args, data_args, freeze_args, build_args = arguments
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

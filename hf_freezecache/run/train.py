@@ -11,7 +11,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..cache import CachedActivationDataset, load_cache
 from ..data import collate_image_batch
-from ..integrations import FreezeCacheTrainer, compute_accuracy
+from ..integrations import FreezeCacheTrainer, load_metric
 from ..models import build_model
 from .arguments import RunArguments
 
@@ -41,11 +41,16 @@ def run_training(arguments: RunArguments, callbacks: list[TrainerCallback] | Non
     transformers.utils.logging.set_verbosity_warning()
     # Preprocessing runs in the dataset's transform, which produces the model's inputs itself.
     training_args.remove_unused_columns = False
+    metric = load_metric(data_args.metric)
     set_seed(training_args.seed)
 
     if data_args.train_from_cache:
-        cache = load_cache(data_args.train_from_cache, revision=data_args.cache_revision)
-        eval_cache = load_cache(data_args.eval_from_cache) if data_args.eval_from_cache else None
+        # A URL is read through --cache_storage_options, into --cache_local_dir.
+        store = dict(
+            storage_options=freeze_args.discard_config().storage_options(), download_dir=freeze_args.cache_local_dir
+        )
+        cache = load_cache(data_args.train_from_cache, revision=data_args.cache_revision, **store)
+        eval_cache = load_cache(data_args.eval_from_cache, **store) if data_args.eval_from_cache else None
         num_labels = data_args.num_labels or int(cache.labels.max()) + 1
         model = build_model(
             model_args.model, num_labels, model_args.pretrained_weights, model_args.parsed_timm_kwargs()
@@ -67,7 +72,7 @@ def run_training(arguments: RunArguments, callbacks: list[TrainerCallback] | Non
             model=model,
             args=training_args,
             eval_dataset=eval_dataset,
-            compute_metrics=compute_accuracy,
+            compute_metrics=metric,
             freeze_args=freeze_args,
             activation_cache=cache,
             callbacks=callbacks,
@@ -83,7 +88,7 @@ def run_training(arguments: RunArguments, callbacks: list[TrainerCallback] | Non
             train_dataset=data.train,
             eval_dataset=data.eval,
             data_collator=collate_image_batch,
-            compute_metrics=compute_accuracy,
+            compute_metrics=metric,
             freeze_args=freeze_args,
             cache_dataset=data.train_unaugmented,
             callbacks=callbacks,

@@ -8,7 +8,8 @@
 - `overlap`: a process's part: the prefix on the calling thread while earlier batches encode and a writer thread
   writes their rows;
 - `gather`: the main process gathers the parts into one cache and writes its manifest;
-- `staging`: the destination checks, the staging folder, and the rename that publishes the cache.
+- `staging`: the destination checks, the staging folder, and the rename that publishes the cache (or, for a URL,
+  each process's upload of its part and the main process's publication on the store).
 
 `pipeline.build_activation_cache` runs them; with several processes, each stage ends in a collective that stops
 every process when one fails (`hf_freezecache._distributed.all_or_none`).

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..._random import seeded
+from ...data.sample_ids import check_same_labels
 from ..sidecars import Sidecar
 from .prepare import ComputedBatch, PrefixRun, prefix_in_eval
 
@@ -62,7 +63,10 @@ def prefix_batches(
             if sidecars:
                 first = share.start + local * run.batch_size
                 indices = range(first, first + len(activations))
-                augmented = _augmented_view(run, augmented_dataset, indices) if augmented_dataset is not None else None
+                labels = np.asarray(batch["labels"]).reshape(-1)
+                augmented = None
+                if augmented_dataset is not None:
+                    augmented = _augmented_view(run, augmented_dataset, indices, labels)
                 for sidecar in sidecars:
                     for name, value in sidecar.compute(run, pixels, activations, augmented).items():
                         arrays[name] = value.cpu().numpy()
@@ -86,10 +90,13 @@ def _to_host(tensor: torch.Tensor) -> np.ndarray:
     return host.numpy()
 
 
-def _augmented_view(run: PrefixRun, augmented_dataset: Dataset, indices: range) -> torch.Tensor:
+def _augmented_view(run: PrefixRun, augmented_dataset: Dataset, indices: range, labels: np.ndarray) -> torch.Tensor:
     # One seed per sample: a sample's view depends neither on the batch size nor on the number of processes.
     items = []
     for index in indices:
         with seeded(run.seed * 1_000_003 + index):
             items.append(augmented_dataset[index])
-    return run.collate(items)["pixel_values"].to(run.device)
+    batch = run.collate(items)
+    # Datasets without stored rows to compare (`check_same_samples`) are at least matched label by label.
+    check_same_labels(labels, np.asarray(batch["labels"]), indices.start, "`augmented_dataset`")
+    return batch["pixel_values"].to(run.device)

@@ -13,29 +13,29 @@ from ..sidecars import Sidecar
 from .encode import PartStats
 from .prepare import BuildPlan, PrefixRun
 from .shards import shard_names, write_dataset_files
-from .staging import Staging
+from .staging import RemoteStaging, Staging
 
 
-def gather_parts(staging: Staging, num_parts: int, plan: BuildPlan) -> tuple[PartStats, dict[str, str]]:
-    """Moves the processes' shards, in process order, into one `save_to_disk` folder `staging.final`.
+def gather_parts(
+    staging: Staging | RemoteStaging, num_parts: int, plan: BuildPlan
+) -> tuple[PartStats, dict[str, str]]:
+    """Gathers the processes' shards, in process order, into one `save_to_disk` folder.
 
-    Shards are renamed, never copied: each is written once, by its process.
+    Shards are renamed, never copied: each is written once, by its process. In a local build they are renamed into
+    `staging.final`. In a build to a URL, only each part's record (statistics, and the sha256 its process computed
+    as it uploaded the shards) is read from the store; `staging.final` gets the folder's small files, and the shards
+    are moved on the store when the cache is published (`RemoteStaging.moves`).
 
     Returns:
         The totals of the parts' statistics, and the sha256 of each gathered shard by file name, in row order.
     """
+    if isinstance(staging, RemoteStaging):
+        return _gather_uploaded(staging, num_parts, plan)
     totals = PartStats()
     sources = []
     for rank in range(num_parts):
         part = staging.part(rank)
-        stats = PartStats.load(part)
-        if stats is None:
-            raise RuntimeError(
-                f"Process {rank} wrote no part of the cache in {staging.path}: the processes disagree on what they "
-                "build (their prefix weights, dataset or options differ), or the folder is not on a file system they "
-                "share."
-            )
-        totals.add(stats)
+        totals.add(_part_stats(part, rank, staging.path))
         with open(os.path.join(part, "state.json")) as f:
             sources += [os.path.join(part, entry["filename"]) for entry in json.load(f)["_data_files"]]
     os.makedirs(staging.final)
@@ -44,6 +44,31 @@ def gather_parts(staging: Staging, num_parts: int, plan: BuildPlan) -> tuple[Par
         os.rename(source, os.path.join(staging.final, name))
     write_dataset_files(staging.final, files, row_features(plan.arrays), staging.fingerprint, totals.rows)
     return totals, {name: file_sha256(os.path.join(staging.final, name)) for name in files}
+
+
+def _gather_uploaded(staging: RemoteStaging, num_parts: int, plan: BuildPlan) -> tuple[PartStats, dict[str, str]]:
+    totals = PartStats()
+    sources = []
+    for rank in range(num_parts):
+        digests = staging.fetch_part(rank)
+        totals.add(_part_stats(staging.part(rank) if digests is not None else None, rank, staging.uploads.url))
+        sources += [(f"part-{rank:05d}/{name}", digest) for name, digest in digests.items()]
+    files = shard_names(len(sources))
+    staging.moves = [(staging.uploads, source, name) for (source, _), name in zip(sources, files, strict=True)]
+    os.makedirs(staging.final, exist_ok=True)
+    write_dataset_files(staging.final, files, row_features(plan.arrays), staging.fingerprint, totals.rows)
+    return totals, {name: digest for (_, digest), name in zip(sources, files, strict=True)}
+
+
+def _part_stats(part: str | None, rank: int, where: str) -> PartStats:
+    stats = PartStats.load(part) if part is not None else None
+    if stats is None:
+        raise RuntimeError(
+            f"Process {rank} wrote no part of the cache in {where}: the processes disagree on what they build (their "
+            "prefix weights, dataset or options differ), or they do not share the folder (a local --cache_dir must "
+            "be on a file system every process sees; a URL must reach the same store from every machine)."
+        )
+    return stats
 
 
 def cache_manifest(
@@ -64,7 +89,7 @@ def cache_manifest(
         RuntimeError: the processes wrote another number of rows than the samples make.
     """
     num_samples = len(run.dataset)
-    source_model, source_revision = model_source(run.adapter.model)
+    source_model, source_revision = run.adapter.source or model_source(run.adapter.model)
     manifest = CacheManifest(
         fingerprint=cache_fingerprint(fingerprint_parts),
         fingerprint_parts=fingerprint_parts,

@@ -62,7 +62,8 @@ def write_part(
     part = staging.part(rank)
     os.makedirs(part)
     sample_bytes = 4 * (math.prod(plan.sample_shape) + sum(math.prod(a.shape) for a in plan.arrays.values()))
-    with ShardWriter(part, row_features(plan.arrays), max_shard_size, sample_bytes * chunk_size) as shards:
+    features = row_features(plan.arrays)
+    with ShardWriter(part, features, max_shard_size, sample_bytes * chunk_size, staging.fingerprint) as shards:
 
         def write(rows: EncodedRows) -> None:
             columns = rows.columns()

@@ -22,7 +22,7 @@ from .encode import PartStats
 from .gather import cache_manifest, gather_parts
 from .overlap import write_part
 from .prepare import PrefixRun, check_build_options, prepare_build
-from .staging import Staging
+from .staging import open_staging
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def build_activation_cache(
     augmented_dataset: Dataset | None = None,
     seed: int = 0,
     processes: ProcessGroup | None = None,
+    storage_options: dict[str, Any] | None = None,
+    local_dir: str | os.PathLike | None = None,
 ) -> CacheManifest:
     """Runs the prefix (stem and blocks `0..position-1`) over `dataset` and writes the activation cache to `folder`.
 
@@ -58,19 +60,26 @@ def build_activation_cache(
     shards, their checksums and the manifest are complete: an interrupted build leaves no folder that looks like a
     cache. An existing `folder` is replaced.
 
+    `folder` may be a URL on any fsspec store (`s3://bucket/path`, `gs://`, `hf://`, `file://`, `memory://`),
+    opened with `storage_options`: each process then stages its part in a private folder under `local_dir`
+    and uploads it beside the destination (`<folder>.partial-<id>/part-<rank>`); the main process reads only the
+    parts' records (statistics and checksums), moves the shards into `folder` on the store's side and uploads the
+    manifest last, after removing the manifest of a cache it replaces. The cache at `folder` is complete exactly when
+    its manifest exists: an interrupted build or upload leaves nothing loadable there.
+
     With `processes` (e.g. `accelerate.PartialState()` under `accelerate launch`), every process must call this with
     the same arguments: each runs the prefix over its share of the samples (`process_share`) and writes its own
     shards; then the main process gathers the shards and writes the manifest; the call returns on every process
-    once the cache is complete. `folder` must be on a file system all processes see. The cache is the same as a
-    single-process build's: same rows, same bytes. The processes fail together: an error on any of them (an
-    unreadable image, a full disk) is raised on every one by the end of the stage it happened in, and the staging
-    folder is removed.
+    once the cache is complete. A local `folder` must be on a file system all processes see; a URL needs only the
+    store. The cache is the same as a single-process build's: same rows, same bytes. The processes fail together:
+    an error on any of them (an unreadable image, a full disk) is raised on every one by the end of the stage it
+    happened in, and the staging folder is removed.
 
     Args:
         adapter (`BlockAdapter`): Block view of the model whose prefix is run; prefix modules run in eval mode.
         position (`int`): Block position of the activations to cache.
         dataset (`Dataset`): Items `{"pixel_values": tensor, "labels": int}` (after `collate_fn`, a batch dict).
-        folder (`str`): Destination.
+        folder (`str`): Destination: a local folder or a URL.
         codec (`ActivationCodec`): How to encode; resolved on the first 256 samples of `dataset` (relative
             tolerances), whatever the batch size.
         chunk_size (`int`): Samples per row.
@@ -91,6 +100,10 @@ def build_activation_cache(
         seed (`int`): Seeds the calibration subset and the random augmentation of `augmented_dataset`, so that a
             build is reproducible and leaves the caller's random state as it was.
         processes (`ProcessGroup`, *optional*): The processes building the cache together; None for one process.
+        storage_options (`dict`, *optional*): Options of the store of a URL `folder` (credentials, endpoint...), as
+            `fsspec.filesystem` takes them.
+        local_dir (`str`, *optional*): With a URL `folder`: where each process stages its part before uploading it
+            (default `$HF_HOME/hf_freezecache`).
 
     Returns:
         The `CacheManifest` written with the cache.
@@ -107,14 +120,14 @@ def build_activation_cache(
     staging = None
     try:
         with all_or_none(processes, stage):
-            augmented_dataset = check_build_options(len(dataset), chunk_size, batch_size, sidecars, augmented_dataset)
+            augmented_dataset = check_build_options(dataset, chunk_size, batch_size, sidecars, augmented_dataset)
             device = torch.device(device) if device is not None else next(adapter.blocks[0].parameters()).device
             collate = collate_fn or default_collate
             run = PrefixRun(adapter, position, dataset, collate, batch_size, num_workers, device, seed)
             plan, first_batches = prepare_build(run, codec, sidecars, chunk_size)
-            staging = Staging(os.path.abspath(folder), cache_fingerprint(fingerprint_parts))
-            if is_main:
-                staging.create()
+            fingerprint = cache_fingerprint(fingerprint_parts)
+            staging = open_staging(folder, fingerprint, storage_options, local_dir, progress=progress and is_main)
+            staging.begin(is_main)
 
         with all_or_none(processes, stage):
             share = process_share(len(dataset), math.lcm(chunk_size, batch_size), rank, world)
@@ -123,6 +136,7 @@ def build_activation_cache(
             stats = PartStats(sidecar_bytes=dict.fromkeys(plan.arrays, 0))
             batches = prefix_batches(run, share, sidecars, augmented_dataset, bar, first_batches)
             write_part(batches, share.start, stats, plan, chunk_size, encode_threads, staging, rank, max_shard_size)
+            staging.submit(rank)
 
         with all_or_none(processes, stage):
             if is_main:
@@ -141,12 +155,12 @@ def build_activation_cache(
                 manifest.save(staging.final)
                 staging.publish()
     finally:
-        if is_main and staging is not None:
-            staging.remove()
-    # The others read what the main process wrote, which also checks they see the folder it published.
+        if staging is not None:
+            staging.end(is_main)
+    # The others read what the main process wrote, which also checks they see the cache it published.
     with all_or_none(processes, stage):
         if not is_main:
-            manifest = CacheManifest.load(staging.folder)
+            manifest = staging.published_manifest()
     if is_main:
         _log_build(manifest, staging.folder)
     return manifest

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..._random import seeded
+from ...data.sample_ids import check_same_samples
 from ...models import BlockAdapter
 from ..codecs import ActivationCodec, measure_codec_error
 from ..sidecars import Sidecar, SidecarArray
@@ -150,22 +151,27 @@ def prepare_build(
 
 
 def check_build_options(
-    num_samples: int,
+    dataset: Dataset,
     chunk_size: int,
     batch_size: int,
     sidecars: Sequence[Sidecar],
     augmented_dataset: Dataset | None,
 ) -> Dataset | None:
-    """Refuses options a build cannot run with; returns `augmented_dataset` when a sidecar needs it, else None."""
+    """Refuses options a build cannot run with; returns `augmented_dataset` when a sidecar needs it, else None.
+
+    `augmented_dataset` must hold the samples of `dataset` in the same order (`check_same_samples`: the same stored
+    rows): a sidecar stores its arrays beside the activations of the same sample.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if not any(sidecar.needs_augmented_view for sidecar in sidecars):
         return None
-    if augmented_dataset is None or len(augmented_dataset) != num_samples:
+    if augmented_dataset is None:
         raise ValueError(
             "The token-replacement sidecar needs `augmented_dataset`: the training images through their random "
             "augmentation, the same samples in the same order as `dataset`."
         )
+    check_same_samples(dataset, augmented_dataset, "`augmented_dataset`")
     return augmented_dataset

@@ -16,6 +16,8 @@ import datasets
 import pyarrow as pa
 from datasets.utils.py_utils import asdict, convert_file_size_to_int
 
+from ..manifest.integrity import bind_schema
+
 # The split `load_from_disk` reports, as `Dataset.from_generator` named it.
 _SPLIT = "train"
 # Rows of a record batch: about this many bytes of activations at most, whatever their size (the encodes are
@@ -67,12 +69,16 @@ class ShardWriter:
         features (`datasets.Features`): The rows' columns.
         max_shard_size (`str` or `int`): Largest shard, in bytes or as `save_to_disk` takes it (`"500MB"`).
         row_bytes (`int`): Bytes of a row's arrays before encoding.
+        binding (`str`): The fingerprint of the cache the shards belong to, written into their schema metadata
+            (`integrity.bind_schema`) so that a shard moved into another cache is refused.
     """
 
-    def __init__(self, folder: str, features: datasets.Features, max_shard_size: str | int, row_bytes: int):
+    def __init__(
+        self, folder: str, features: datasets.Features, max_shard_size: str | int, row_bytes: int, binding: str
+    ):
         self.folder = folder
         self.features = features
-        self.schema = features.arrow_schema
+        self.schema = bind_schema(features.arrow_schema, binding)
         self.max_shard_bytes = convert_file_size_to_int(max_shard_size)
         self.rows_per_batch = max(1, min(_WRITER_BUFFER_BYTES, self.max_shard_bytes) // max(1, row_bytes))
         self.num_rows = 0

@@ -14,7 +14,8 @@ from ..sidecars import SIDECAR_COLUMN_PREFIX
 
 MANIFEST_NAME = "freezecache_manifest.json"
 CARD_NAME = "README.md"
-FORMAT_VERSION = 1
+#: 2: the manifest is sealed and the shards are bound to its fingerprint (`integrity`).
+FORMAT_VERSION = 2
 
 #: Arrow shards in `Dataset.save_to_disk`'s layout, as `build_activation_cache` writes them.
 LAYOUT_ARROW = "arrow"
@@ -85,6 +86,8 @@ class CacheManifest:
             (the Hub dataset-repo layout written by `export_cache`).
         split (`str`): The split the rows are published as in the Hub layout (`data/<split>-*.parquet`).
         format_version (`int`): Version of the cache format.
+        seal (`dict[str, str]`, *optional*): A digest of every other field (`integrity.manifest_seal`), written by
+            `to_dict`; a manifest whose fields do not match it is refused when loaded.
     """
 
     fingerprint: str
@@ -115,6 +118,7 @@ class CacheManifest:
     layout: str = LAYOUT_ARROW
     split: str = "train"
     format_version: int = FORMAT_VERSION
+    seal: dict[str, str] | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -137,14 +141,21 @@ class CacheManifest:
         return self.sidecar_bytes / max(self.stored_bytes, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "compression_ratio": self.compression_ratio}
+        """The manifest's JSON form, sealed: `seal` holds the digest of every other field as they are now."""
+        from .integrity import manifest_seal
+
+        data = asdict(self)
+        data["seal"] = manifest_seal(data)
+        return {**data, "compression_ratio": self.compression_ratio}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = MANIFEST_NAME) -> CacheManifest:
         """Builds a manifest from its JSON form once `check_manifest` accepts it; unknown keys are ignored.
 
         Raises:
-            CorruptCacheError: a field is missing, of the wrong type or out of range (named, with what is allowed).
+            CacheMismatchError: the manifest is of an earlier cache format (such a cache is rebuilt, not read).
+            CorruptCacheError: a field is missing, of the wrong type or out of range, or was changed after the
+                build (named, with what is allowed).
         """
         # Imported here: the validation and the card build on this schema, which imports nothing of theirs.
         from .validation import check_manifest

@@ -15,7 +15,8 @@ from dataclasses import MISSING
 from typing import Any, NoReturn
 
 from ..codecs import build_codec
-from .integrity import CorruptCacheError
+from .fingerprint import CacheMismatchError, cache_fingerprint
+from .integrity import CorruptCacheError, check_seal
 from .schema import EXTENSIONS, FORMAT_VERSION, LAYOUT_ARROW, LAYOUT_PARQUET, LAYOUTS, MANIFEST_NAME, CacheManifest
 
 MAX_MANIFEST_BYTES = 16 << 20
@@ -29,6 +30,13 @@ _SHARD_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 # What `measure_codec_error` records, which the card and `inspect` show.
 _CODEC_ERROR_KEYS = {"samples", "std", "max_abs", "rms", "max_over_std", "rms_over_std", "ratio"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_SPLIT_LENGTH = 64
+# Messages stay one readable line however large the hostile value they describe.
+_MAX_DETAIL = 300
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_DETAIL else f"{text[:_MAX_DETAIL]}... ({len(text):,} characters)"
 
 
 def read_manifest_json(path: str) -> Any:
@@ -45,8 +53,8 @@ def read_manifest_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
-        raise CorruptCacheError(f"{path} is not a JSON cache manifest ({error}).") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise CorruptCacheError(f"{path} is not a JSON cache manifest ({type(error).__name__}).") from error
 
 
 def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
@@ -55,18 +63,21 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
     Every field must have its type and a sane value: positive counts, `num_chunks == ceil(num_samples /
     chunk_size)`, a `sample_shape` of 1 to 3 positive dimensions whose rows stay within `MAX_ROW_BYTES` decoded, a
     registered codec that accepts its parameters, well-formed sidecar arrays, and shard paths that stay inside the
-    cache folder, each with a sha256.
+    cache folder, each with a sha256. Then the seal (`integrity.check_seal`: no field changed since the build) and
+    the fingerprint (the hash of its parts).
 
     Args:
         data: The parsed JSON.
         source (`str`): Where it was read from, for the messages.
 
     Raises:
-        CorruptCacheError: naming the first invalid field, its value and what is allowed.
+        CacheMismatchError: the manifest is of an earlier cache format (it has no seal: rebuild the cache).
+        CorruptCacheError: naming the first invalid field, its value and what is allowed, or the fields changed
+            since the build.
     """
 
     def fail(name: str, value: Any, allowed: str) -> NoReturn:
-        raise CorruptCacheError(f"{source}: invalid {name} {reprlib.repr(value)}; expected {allowed}.")
+        raise CorruptCacheError(f"{source}: invalid {name} {reprlib.repr(value)}; expected {_clip(allowed)}.")
 
     def integer(name: str, value: Any, minimum: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -104,9 +115,14 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
     missing = [name for name in required if name not in data]
     if missing:
         raise CorruptCacheError(f"{source}: the manifest lacks {', '.join(missing)}.")
-    integer("format_version", data.get("format_version", FORMAT_VERSION), 1)
-    if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+    integer("format_version", data.get("format_version"), 1)
+    if data["format_version"] > FORMAT_VERSION:
         fail("format_version", data["format_version"], f"<= {FORMAT_VERSION} (written by a newer hf_freezecache)")
+    if data["format_version"] < FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"{source}: the cache is of format {data['format_version']}, written by an earlier hf_freezecache; this "
+            f"version reads format {FORMAT_VERSION} (sealed manifests). Rebuild it (a discard rebuilds it by itself)."
+        )
     for name in ("fingerprint", "model_family", "model_class", "source"):
         string(name, data.get(name, ""))
     for name in ("source_model", "source_revision"):
@@ -138,7 +154,8 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
     try:
         build_codec(data["codec"])
     except ValueError as error:
-        raise CorruptCacheError(f"{source}: invalid codec {reprlib.repr(data['codec'])}: {error}") from error
+        detail = _clip(str(error))
+        raise CorruptCacheError(f"{source}: invalid codec {reprlib.repr(data['codec'])}: {detail}") from error
 
     if data.get("codec_error") is not None:
         mapping("codec_error", data["codec_error"])
@@ -172,8 +189,8 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
     if layout not in LAYOUTS:
         fail("layout", layout, " or ".join(map(repr, LAYOUTS)))
     split = data.get("split", "train")
-    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
-        fail("split", split, "a split name of letters, digits and '_' (dot-separated)")
+    if not isinstance(split, str) or len(split) > _MAX_SPLIT_LENGTH or not SPLIT_NAME.fullmatch(split):
+        fail("split", split, f"a split name of letters, digits and '_' (dot-separated), at most {_MAX_SPLIT_LENGTH}")
     shards = data.get("shards")
     if not isinstance(shards, dict) or not shards:
         fail("shards", shards, "a JSON object of at least one shard path -> sha256")
@@ -191,3 +208,10 @@ def check_manifest(data: Any, source: str = MANIFEST_NAME) -> None:
             fail("shard path", name, f"a relative path inside the cache folder ending in {EXTENSIONS[layout]}")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             fail(f"sha256 of {name}", digest, "64 lowercase hex digits")
+
+    mapping("seal", data.get("seal"))
+    for name, digest in data["seal"].items():
+        string(f"seal.{name}", digest)
+    check_seal(data, source)
+    if data["fingerprint"] != cache_fingerprint(data["fingerprint_parts"]):
+        fail("fingerprint", data["fingerprint"], "the hash of fingerprint_parts (they were edited)")
