@@ -43,6 +43,7 @@ class FreezeCacheArguments:
     freezeout_t0: float = flat_option(FreezeOutConfig, "t0")
     freezeout_scaling: str = flat_option(FreezeOutConfig, "scaling")
     freezeout_anneal_lr: bool = flat_option(FreezeOutConfig, "anneal_lr")
+    freezeout_anneal_mode: str = flat_option(FreezeOutConfig, "anneal_mode")
     freezeout_scale_lr: bool = flat_option(FreezeOutConfig, "scale_lr")
     freeze_schedule: str | None = flat_option(FixedScheduleConfig, "schedule")
     autofreeze_evaluations_per_epoch: int = flat_option(AutoFreezeConfig, "evaluations_per_epoch")

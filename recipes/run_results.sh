@@ -4,7 +4,7 @@
 # 12 blocks) from scratch on a 3k CIFAR-10 subset; scratch32 / finetune32 are the smaller ResNet-32 setups the
 # SmartFRZ predictor is trained on (recipes/train_smartfrz_predictor.sh).
 #   bash recipes/run_results.sh scratch|finetune|vit|scratch32|finetune32 OUT_DIR [RUN ...]
-# RUN is one of none, freezeout, fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
+# RUN is one of none, freezeout, freezeout-multiply (the per-block cosine on top of the global schedule), fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
 # activations cached with the default codec), fixed-channel-G (fixed-discard plus similarity-aware channel
 # augmentation with gamma G, e.g. fixed-channel-0.1; CNNs), fixed-token-A / fixed-token-min-A (fixed-discard plus
 # token replacement with alpha A, matching by highest / lowest cosine similarity; ViTs), autofreeze, smartfrz,
@@ -31,6 +31,7 @@ for run in "${runs[@]}"; do
   script=(recipes/train_image_classifier.py)
   case $run in
     none|freezeout|autofreeze|smartfrz|egeria) extra=(--freeze_policy "$run") ;;
+    freezeout-multiply) extra=(--freeze_policy freezeout --freezeout_anneal_mode multiply) ;;
     smartfrz-discard) extra=(--freeze_policy smartfrz --discard true --cache_decode_threads 1) ;;
     cka) extra=(--freeze_policy cka --cka_reference "$out/$which-none") ;;
     cka-discard) extra=(--freeze_policy cka --cka_reference "$out/$which-none" --discard true --cache_decode_threads 1) ;;
@@ -45,7 +46,7 @@ for run in "${runs[@]}"; do
                               --token_aug_alpha "${run#fixed-token-min-}" --token_aug_matching min) ;;
     fixed-token-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
                           --token_aug_alpha "${run#fixed-token-}") ;;
-    *) echo "unknown run $run (none, freezeout, fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A," \
+    *) echo "unknown run $run (none, freezeout[-multiply], fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A," \
             "autofreeze, smartfrz[-discard], egeria, cka[-discard], record-S)" >&2
        exit 2 ;;
   esac

@@ -56,7 +56,7 @@ from hf_freezecache.freezing import BlockUpdateScaler, FreezingEngine
 from hf_freezecache.integrations import ClassificationMetric, load_metric
 from hf_freezecache.model import ACTIVATIONS_KEY, FreezeCacheModel
 from hf_freezecache.models import build_model, check_block_split, get_block_adapter
-from hf_freezecache.policies import BlockProbe, TrainingProgress, build_policy
+from hf_freezecache.policies import BlockProbe, TrainingProgress, build_policy, schedule_factor
 from hf_freezecache.policies.runner import PolicyRunner
 from hf_freezecache.run.arguments import DataTrainingArguments, ModelArguments, expand_config_file
 
@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | int]:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             # Gradients are present: the policy may observe them, and its per-block learning rates (FreezeOut's
             # annealing) scale each block's update, whatever the optimizer and schedule.
-            progress = TrainingProgress(global_step, max_steps, epoch + step / steps_per_epoch, num_epochs)
+            fraction = epoch + step / steps_per_epoch
+            progress = TrainingProgress(global_step, max_steps, fraction, num_epochs, schedule_factor(lr_scheduler))
             scaler.before_step(runner.before_optimizer_step(progress))
             optimizer.step()
             scaler.after_step()

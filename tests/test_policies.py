@@ -23,6 +23,7 @@ from hf_freezecache.policies import (
     TrainingProgress,
     build_policy,
     register_policy,
+    schedule_factor,
 )
 
 BUILT_IN = ["autofreeze", "cka", "egeria", "fixed", "freezeout", "none", "smartfrz"]
@@ -57,6 +58,82 @@ def test_freezeout_anneals_each_block_to_zero_at_its_freeze_time():
     assert _policy(FreezeOutConfig(anneal_lr=False)).lr_scales(_progress(25), frozenset()) == {}
     scaled = _policy(FreezeOutConfig(anneal_lr=False, scale_lr=True))
     assert scaled.lr_scales(_progress(0), frozenset())[0] == pytest.approx(2.0)
+
+
+def test_freezeout_replaces_the_global_schedule_for_the_blocks_it_anneals_unless_asked_to_multiply():
+    cosine = 0.5 * (1 + math.cos(math.pi * 0.25 / 0.5))
+    # Halfway down a global schedule (factor 0.4): the scale divides it out, so block 0's rate is the cosine's.
+    progress = dataclasses.replace(_progress(25), schedule_factor=0.4)
+    assert _policy(FreezeOutConfig(t0=0.5)).lr_scales(progress, frozenset())[0] == pytest.approx(cosine / 0.4)
+    multiply = _policy(FreezeOutConfig(t0=0.5, anneal_mode="multiply"))
+    assert multiply.lr_scales(progress, frozenset())[0] == pytest.approx(cosine)
+    # Warmup's first step (factor 0) sets no rate by scaling: the plain cosine.
+    warmup = dataclasses.replace(_progress(25), schedule_factor=0.0)
+    assert _policy(FreezeOutConfig(t0=0.5)).lr_scales(warmup, frozenset())[0] == pytest.approx(cosine)
+    with pytest.raises(ValueError, match="--freezeout_anneal_mode must be 'replace' or 'multiply', got 'add'"):
+        FreezeOutConfig(anneal_mode="add")
+
+
+def test_schedule_factor_reads_torch_and_accelerate_schedulers():
+    import torch
+    from accelerate.scheduler import AcceleratedScheduler
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=10)
+    assert schedule_factor(None) == 1.0 and schedule_factor(scheduler) == pytest.approx(1.0)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert schedule_factor(scheduler) == pytest.approx(0.5)
+    assert schedule_factor(AcceleratedScheduler(scheduler, optimizer, step_with_optimizer=False)) == pytest.approx(0.5)
+
+
+def test_under_a_cosine_trainer_schedule_freezeout_gives_each_block_the_published_learning_rate(tmp_path):
+    """End to end through `Trainer` (plain SGD, cosine schedule): block 0's effective learning rate, measured as
+    its update over its gradient, is 0.5 lr (1 + cos(pi t / t_0)), and the head's follows the Trainer's cosine."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from hf_freezecache import FreezeCacheTrainer
+
+    torch.manual_seed(0)
+    images = [{"pixel_values": torch.randn(3, 32, 32), "labels": i % 10} for i in range(32)]
+    model = CifarResNet.from_name("resnet20", num_classes=10)
+    steps, lr, t0 = 8, 0.05, 0.5
+
+    class EffectiveRates(TrainerCallback):
+        def __init__(self):
+            self.rates = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            stem, head = model.base_model.conv1.weight, model.base_model.linear.weight
+            self.before = [(p, p.detach().clone(), p.grad) for p in (stem, head)]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rates = []
+            for param, old, grad in self.before:  # a frozen block has no gradient
+                mask = grad.abs() > 1e-6 if grad is not None else None
+                rates.append(float(((old - param.detach())[mask] / grad[mask]).median()) if grad is not None else None)
+            self.rates.append(rates)
+
+    recorder = EffectiveRates()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=4,
+        learning_rate=lr, lr_scheduler_type="cosine", optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+        save_strategy="no", logging_strategy="no", seed=0,
+    )  # fmt: skip
+    trainer = FreezeCacheTrainer(
+        model=model, args=args, train_dataset=images, callbacks=[recorder],
+        freeze_args=FreezeCacheArguments(freeze_policy="freezeout", freezeout_t0=t0),
+    )  # fmt: skip
+    assert isinstance(trainer, Trainer)
+    trainer.train()
+    assert len(recorder.rates) == steps and all(stem is None for stem, _ in recorder.rates[4:])  # frozen at t0
+    for step, (stem, _) in enumerate(recorder.rates[:4]):
+        assert stem == pytest.approx(0.5 * lr * (1 + math.cos(math.pi * step / steps / t0)), rel=1e-3, abs=1e-7)
+    for step, (_, head) in enumerate(recorder.rates):
+        assert head == pytest.approx(0.5 * lr * (1 + math.cos(math.pi * step / steps)), rel=1e-3)
 
 
 def test_fixed_schedule_freezes_prefixes_at_epochs():
@@ -131,9 +208,10 @@ NON_DEFAULT_FLAGS = {
             "freezeout_t0": "0.3",
             "freezeout_scaling": "cubic",
             "freezeout_anneal_lr": "false",
+            "freezeout_anneal_mode": "multiply",
             "freezeout_scale_lr": "true",
         },
-        FreezeOutConfig(t0=0.3, scaling="cubic", anneal_lr=False, scale_lr=True),
+        FreezeOutConfig(t0=0.3, scaling="cubic", anneal_lr=False, anneal_mode="multiply", scale_lr=True),
     ),
     "fixed": ({"freeze_schedule": "2:3,4:6"}, FixedScheduleConfig(schedule="2:3,4:6")),
     "autofreeze": (

@@ -186,7 +186,8 @@ class FreezeCacheCallback(TrainerCallback, ExportableState):
         self.tracker.restart_clock()  # the build is accounted as the cache's, not as training steps
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        scales = self.runner.before_optimizer_step(TrainingProgress.from_trainer_state(state))
+        progress = TrainingProgress.from_trainer_state(state, kwargs.get("lr_scheduler"))
+        scales = self.runner.before_optimizer_step(progress)
         self.scaler.before_step(scales)
 
     def on_optimizer_step(self, args, state, control, **kwargs):

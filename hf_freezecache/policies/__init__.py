@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from .._registry import Registry
 from ._probe import BlockProbe, linear_cka
-from .base import FreezePolicy, PolicyConfig, TrainingProgress
+from .base import FreezePolicy, PolicyConfig, TrainingProgress, schedule_factor
 
 
 class PolicyRegistry(Registry[FreezePolicy]):
@@ -78,6 +78,7 @@ __all__ = [
     "PolicyRegistry",
     "SmartFRZConfig",
     "TrainingProgress",
+    "schedule_factor",
     "build_policy",
     "linear_cka",
     "register_policy",

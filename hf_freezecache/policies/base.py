@@ -25,6 +25,19 @@ class PolicyConfig:
     """
 
 
+def schedule_factor(lr_scheduler: Any | None) -> float:
+    """The learning rate `lr_scheduler` sets for the coming step over its initial one (1 without a scheduler).
+
+    Accepts a torch scheduler or accelerate's `AcceleratedScheduler` around one; the first param group speaks for all
+    (transformers' schedules scale every group by the same factor).
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    base = getattr(scheduler, "base_lrs", None)
+    if not base or not base[0]:
+        return 1.0
+    return float(scheduler.get_last_lr()[0]) / float(base[0])
+
+
 @dataclass(frozen=True)
 class TrainingProgress:
     """Where training stands when a policy is asked for a decision.
@@ -34,17 +47,27 @@ class TrainingProgress:
         max_steps (`int`): Optimizer steps of the whole run.
         epoch (`float`): Epochs completed so far, fractional.
         num_train_epochs (`float`): Epochs of the whole run.
+        schedule_factor (`float`, *optional*, defaults to 1): The training loop's learning rate for the coming step
+            over its initial one (`schedule_factor(lr_scheduler)`): what the global schedule multiplies the learning
+            rate by now, so a policy can replace it for some blocks (FreezeOut).
     """
 
     global_step: int
     max_steps: int
     epoch: float
     num_train_epochs: float
+    schedule_factor: float = 1.0
 
     @classmethod
-    def from_trainer_state(cls, state: TrainerState) -> TrainingProgress:
-        """Where `Trainer` stands, from its `TrainerState`."""
-        return cls(state.global_step, state.max_steps, float(state.epoch or 0.0), float(state.num_train_epochs))
+    def from_trainer_state(cls, state: TrainerState, lr_scheduler: Any | None = None) -> TrainingProgress:
+        """Where `Trainer` stands, from its `TrainerState` and (for `schedule_factor`) its learning-rate scheduler."""
+        return cls(
+            state.global_step,
+            state.max_steps,
+            float(state.epoch or 0.0),
+            float(state.num_train_epochs),
+            schedule_factor(lr_scheduler),
+        )
 
     @property
     def fraction(self) -> float:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from . import register_policy
 from .base import FreezePolicy, PolicyConfig, TrainingProgress
 
+ANNEAL_MODES = ("replace", "multiply")
+
 
 @dataclass
 class FreezeOutConfig(PolicyConfig):
@@ -29,8 +31,16 @@ class FreezeOutConfig(PolicyConfig):
     anneal_lr: bool = field(
         default=True,
         metadata={
-            "help": "FreezeOut: cosine-anneal each block's learning rate to zero at its freeze time, on top of the "
-            "Trainer's schedule. False keeps the global schedule and only freezes at t_i."
+            "help": "FreezeOut: cosine-anneal each block's learning rate to zero at its freeze time (see "
+            "--freezeout_anneal_mode). False keeps the global schedule and only freezes at t_i."
+        },
+    )
+    anneal_mode: str = field(
+        default="replace",
+        metadata={
+            "help": "FreezeOut: 'replace' (as published, SmartFRZ Appendix B Eq. 6): block i's learning rate is "
+            "0.5 lr (1 + cos(pi t / t_i)) whatever the Trainer's schedule, which still drives the head; "
+            "'multiply': the per-block cosine multiplies the Trainer's schedule (each block annealed twice)."
         },
     )
     scale_lr: bool = field(
@@ -43,6 +53,10 @@ class FreezeOutConfig(PolicyConfig):
             raise ValueError(f"--freezeout_t0 must be in (0, 1], got {self.t0}.")
         if self.scaling not in ("linear", "cubic"):
             raise ValueError(f"--freezeout_scaling must be 'linear' or 'cubic', got {self.scaling!r}.")
+        if self.anneal_mode not in ANNEAL_MODES:
+            raise ValueError(
+                f"--freezeout_anneal_mode must be {' or '.join(map(repr, ANNEAL_MODES))}, got {self.anneal_mode!r}."
+            )
 
 
 @register_policy("freezeout", config=FreezeOutConfig)
@@ -50,10 +64,11 @@ class FreezeOut(FreezePolicy):
     """Block i freezes at fraction t_i of training; its learning rate is cosine-annealed to zero by then.
 
     With n blocks, t_i = s(t_0 + (1 - t_0) * i / n) where s is the identity ("linear") or the cube ("cubic"), as in
-    FreezeOut's code; position n is the head, which trains to the end (t = 1). The annealing multiplies the
-    Trainer's scheduled learning rate of block i by 0.5 * (1 + cos(pi * t / t_i)) (t = fraction of training done), and
-    by 1/t_i with `--freezeout_scale_lr`. Combine with `--lr_scheduler_type constant` for FreezeOut exactly as
-    published, where the per-block cosine replaces the global schedule.
+    FreezeOut's code; position n is the head, which trains to the end (t = 1) on the Trainer's schedule. Block i's
+    learning rate is lr * 0.5 * (1 + cos(pi * t / t_i)) (t = fraction of training done, lr the initial one), times
+    1/t_i with `--freezeout_scale_lr`: the per-block cosine replaces the Trainer's schedule for the blocks it anneals,
+    as published (anneal mode `replace`; the scale divides out `TrainingProgress.schedule_factor`). With anneal mode
+    `multiply` it multiplies the scheduled rate instead, so under a cosine schedule each block is annealed twice.
     """
 
     name = "freezeout"
@@ -73,6 +88,8 @@ class FreezeOut(FreezePolicy):
     def lr_scales(self, progress: TrainingProgress, frozen: frozenset[int]) -> dict[int, float]:
         if not (self.config.anneal_lr or self.config.scale_lr):
             return {}
+        # Replacing the schedule divides it out; where it is 0 (warmup's first step) no rate can be set by scaling.
+        replaced = self.config.anneal_lr and self.config.anneal_mode == "replace" and progress.schedule_factor > 0
         scales = {}
         for i, t_i in enumerate(self.freeze_times):
             if i in frozen:
@@ -80,9 +97,10 @@ class FreezeOut(FreezePolicy):
             scale = 1.0 / t_i if self.config.scale_lr else 1.0
             if self.config.anneal_lr:
                 scale *= 0.5 * (1.0 + math.cos(math.pi * min(progress.fraction / t_i, 1.0)))
-            scales[i] = scale
+            scales[i] = scale / progress.schedule_factor if replaced else scale
         return scales
 
     def describe(self) -> str:
         cfg = self.config
-        return f"freezeout (t0={cfg.t0}, {cfg.scaling}, anneal_lr={cfg.anneal_lr})"
+        anneal = cfg.anneal_mode if cfg.anneal_lr else "off"
+        return f"freezeout (t0={cfg.t0}, {cfg.scaling}, anneal={anneal})"
