@@ -20,6 +20,30 @@ TINY_TIMM_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads
 sys.path.insert(0, str(ROOT / "recipes"))
 
 
+def build_cache(
+    adapter, position, dataset, folder, codec=None, *, chunk_size=4, sidecars=(), augmented=None, batch_size=16, seed=0
+):
+    """Builds the cache of `dataset` at block `position` of `adapter`'s model, fingerprinted as the trainer does,
+    and opens it: returns `(ActivationCache, fingerprint parts)`. `codec` defaults to `{"name": "none"}`."""
+    from hf_freezecache.cache import (
+        ActivationCache,
+        build_activation_cache,
+        build_codec,
+        dataset_fingerprint,
+        fingerprint_parts,
+    )
+    from hf_freezecache.data import collate_image_batch
+
+    codec = codec or {"name": "none"}
+    extra = {"sidecars": {s.name: s.config() for s in sidecars}} if sidecars else None
+    parts = fingerprint_parts(adapter, position, dataset_fingerprint(dataset), codec, chunk_size, extra)
+    build_activation_cache(
+        adapter, position, dataset, folder, build_codec(codec), chunk_size, parts, collate_fn=collate_image_batch,
+        batch_size=batch_size, progress=False, sidecars=list(sidecars), augmented_dataset=augmented, seed=seed,
+    )  # fmt: skip
+    return ActivationCache.load(folder, expected_fingerprint=parts), parts
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared (or $HF_FREEZECACHE_SHARED). Missing: fails in CI, skips with the reason elsewhere."""
     base = Path(os.environ.get("HF_FREEZECACHE_SHARED", ROOT.parent / "shared"))

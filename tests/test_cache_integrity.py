@@ -13,29 +13,25 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import TINY_VIT
+from conftest import TINY_VIT, build_cache
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from hf_freezecache import FreezeCacheTrainer, export_cache, load_cache
 from hf_freezecache.cache import (
-    ActivationCache,
     CachedActivationDataset,
     CacheMismatchError,
     CorruptCacheError,
-    build_activation_cache,
-    build_codec,
     build_sidecar,
-    dataset_fingerprint,
-    fingerprint_parts,
 )
 from hf_freezecache.cache.manifest import MANIFEST_NAME, file_sha256
 from hf_freezecache.cache.manifest.integrity import BINDING_KEY, manifest_seal, sealed_fields
 from hf_freezecache.cache.sidecars import ChannelFlipSidecar
-from hf_freezecache.data import collate_image_batch, load_image_classification
+from hf_freezecache.data import load_image_classification
 from hf_freezecache.models import CifarResNet, get_block_adapter
 
 SAMPLES = 24
+ZFP = {"name": "zfp", "tolerance": 0.05, "relative": True}
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +39,9 @@ def data():
     return load_image_classification(max_train_samples=SAMPLES, max_eval_samples=8, augment=True)
 
 
-def _build(adapter, position, dataset, folder, sidecars=(), augmented=None, codec=None, chunk_size=4):
-    codec = codec or {"name": "zfp", "tolerance": 0.05, "relative": True}
-    extra = {"sidecars": {s.name: s.config() for s in sidecars}} if sidecars else None
-    parts = fingerprint_parts(adapter, position, dataset_fingerprint(dataset), codec, chunk_size, extra)
-    build_activation_cache(
-        adapter,
-        position,
-        dataset,
-        folder,
-        build_codec(codec),
-        chunk_size,
-        parts,
-        collate_fn=collate_image_batch,
-        batch_size=8,
-        progress=False,
-        sidecars=list(sidecars),
-        augmented_dataset=augmented,
-    )
-    return ActivationCache.load(folder, expected_fingerprint=parts)
+def _build(adapter, position, dataset, folder, sidecars=(), augmented=None, codec=ZFP):
+    cache, _ = build_cache(adapter, position, dataset, folder, codec, sidecars=sidecars, augmented=augmented)
+    return cache
 
 
 def _resnet(seed: int = 0):

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import build_cache
 from torch.utils.data import DataLoader, get_worker_info
 
 from hf_freezecache.cache import (
@@ -14,12 +15,8 @@ from hf_freezecache.cache import (
     CachedActivationDataset,
     CacheMismatchError,
     ChunkShuffleSampler,
-    build_activation_cache,
-    build_codec,
-    dataset_fingerprint,
-    fingerprint_parts,
 )
-from hf_freezecache.data import collate_image_batch, load_image_classification
+from hf_freezecache.data import load_image_classification
 from hf_freezecache.models import CifarResNet, get_block_adapter
 
 SAMPLES = 48
@@ -37,20 +34,7 @@ def adapter():
 
 
 def _build(data, adapter, folder, position: int = 3) -> None:
-    codec = {"name": "none"}
-    parts = fingerprint_parts(adapter, position, dataset_fingerprint(data.train_unaugmented), codec, 4)
-    build_activation_cache(
-        adapter,
-        position,
-        data.train_unaugmented,
-        folder,
-        build_codec(codec),
-        4,
-        parts,
-        collate_fn=collate_image_batch,
-        batch_size=16,
-        progress=False,
-    )
+    build_cache(adapter, position, data.train_unaugmented, folder)
 
 
 @pytest.fixture(scope="module")

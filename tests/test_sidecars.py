@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TIMM_VIT, TINY_VIT
+from conftest import TINY_TIMM_VIT, TINY_VIT, build_cache
 from skimage.metrics import structural_similarity
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -17,7 +17,6 @@ from hf_freezecache.cache import (
     ActivationCache,
     CachedActivationDataset,
     CacheMismatchError,
-    build_activation_cache,
     build_codec,
     build_sidecar,
     dataset_fingerprint,
@@ -58,25 +57,10 @@ def _prefix(adapter, position):
 
 def _build(adapter, position, data, folder, sidecars=(), codec="none", chunk_size=4, seed=0):
     config = {"name": codec} if codec != "zfp" else {"name": "zfp", "tolerance": 0.05, "relative": True}
-    extra = {"sidecars": {s.name: s.config() for s in sidecars}} if sidecars else None
-    dataset_hash = dataset_fingerprint(data.train_unaugmented)
-    parts = fingerprint_parts(adapter, position, dataset_hash, config, chunk_size, extra)
-    build_activation_cache(
-        adapter,
-        position,
-        data.train_unaugmented,
-        folder,
-        build_codec(config),
-        chunk_size,
-        parts,
-        collate_fn=collate_image_batch,
-        batch_size=20,
-        progress=False,
-        sidecars=list(sidecars),
-        augmented_dataset=data.train,
-        seed=seed,
-    )
-    return ActivationCache.load(folder, expected_fingerprint=parts), parts
+    return build_cache(
+        adapter, position, data.train_unaugmented, folder, config, chunk_size=chunk_size, sidecars=sidecars,
+        augmented=data.train, batch_size=20, seed=seed,
+    )  # fmt: skip
 
 
 # SSIM

@@ -59,11 +59,11 @@ def prefix_batches(
         for local, (batch, activations) in enumerate(itertools.chain(reused, ((b, None) for b in rest))):
             pixels = batch["pixel_values"].to(run.device)
             activations = run(pixels).float() if activations is None else activations
+            labels = np.asarray(batch["labels"]).reshape(-1)
             arrays: dict[str, np.ndarray] = {}
             if sidecars:
                 first = share.start + local * run.batch_size
                 indices = range(first, first + len(activations))
-                labels = np.asarray(batch["labels"]).reshape(-1)
                 augmented = None
                 if augmented_dataset is not None:
                     augmented = _augmented_view(run, augmented_dataset, indices, labels)
@@ -73,7 +73,7 @@ def prefix_batches(
             bar.update(len(activations))
             yield {
                 "data": _to_host(activations),
-                "labels": np.asarray(batch["labels"]).reshape(-1),
+                "labels": labels,
                 **arrays,
             }
     bar.close()
