@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the comparisons of docs/results.md (CPU): CIFAR ResNet-20 from scratch on a 10k CIFAR-10 subset, the shared
 # pretrained ResNet-20 fine-tuned on Fashion-MNIST, and a CPU-sized DeiT-Tiny (32x32 input, patch 4, width 192,
-# 12 blocks) from scratch on a 3k CIFAR-10 subset; scratch32 / finetune32 are the smaller ResNet-32 setups the
-# SmartFRZ predictor is trained on (recipes/train_smartfrz_predictor.sh).
+# 12 blocks) from scratch on a 3k CIFAR-10 subset; scratch32 / finetune32 are smaller ResNet-32 setups (the first
+# SmartFRZ predictor's training runs; today's is fitted on the corpus of recipes/build_smartfrz_corpus.py).
 #   bash recipes/run_results.sh scratch|finetune|vit|scratch32|finetune32 OUT_DIR [RUN ...]
 # RUN is one of none, freezeout, freezeout-multiply (the per-block cosine on top of the global schedule), fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
 # activations cached with the default codec), fixed-channel-G (fixed-discard plus similarity-aware channel

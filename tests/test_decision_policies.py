@@ -32,10 +32,14 @@ from hf_freezecache.policies import (
     linear_cka,
     register_policy,
 )
+from hf_freezecache.policies._reference import ReferenceRepresentations
 from hf_freezecache.policies._schedule import EvaluationClock, decode_array, encode_array, relative_slope, stabilised
 from hf_freezecache.policies.egeria import Egeria
 from hf_freezecache.policies.smartfrz import DEFAULT_PREDICTOR, FreezePredictor, WeightTailor
-from hf_freezecache.policies.smartfrz.training import HistoryWindows, label_freeze_points
+from hf_freezecache.policies.smartfrz.corpus import RunHistory
+from hf_freezecache.policies.smartfrz.fitting import HistoryWindows, PredictorRecipe
+from hf_freezecache.policies.smartfrz.predictor import CONTEXT_FEATURES, WEIGHT_FEATURES, record_features
+from hf_freezecache.policies.smartfrz.recording import label_freeze_points
 
 SAMPLES = 128
 BATCH = 32  # 4 steps per epoch
@@ -116,11 +120,24 @@ def test_linear_cka_properties():
     assert linear_cka(x, stretched) < 0.99
 
 
-def test_cka_labels_start_where_the_series_stabilises():
-    cka = np.array([[0.2, 0.90], [0.5, 0.91], [0.7, 0.5], [0.71, 0.6], [0.712, 0.8], [0.711, 0.95]])
-    labels = label_freeze_points(cka, window=3, tolerance=0.02)
-    assert labels[:, 0].tolist() == [0, 0, 0, 0, 1, 1]
-    assert labels[:, 1].tolist() == [0] * 6
+def test_labels_start_where_the_cka_settles_for_good():
+    # Block 0 rises by 0.5 and settles; block 1 plateaus within 0.02 early, then moves again; block 2 never moves
+    # by more than 0.001 but keeps moving (a band relative to its own range: only the end counts as settled).
+    cka = np.array(
+        [
+            [0.20, 0.90, 0.5000],
+            [0.50, 0.91, 0.5010],
+            [0.69, 0.90, 0.5000],
+            [0.70, 0.60, 0.5010],
+            [0.71, 0.80, 0.5000],
+            [0.70, 0.80, 0.5005],
+        ]
+    )
+    labels = label_freeze_points(cka, tolerance=0.1)  # bands: 0.051, 0.031, 0.0001
+    assert labels[:, 0].tolist() == [0, 0, 1, 1, 1, 1]
+    assert labels[:, 1].tolist() == [0, 0, 0, 0, 1, 1]  # the early plateau was not the end of it
+    assert labels[:, 2].tolist() == [0, 0, 0, 0, 0, 1]
+    assert label_freeze_points(cka, tolerance=1.0).min() == 1  # the whole range allowed: settled from the start
 
 
 def test_block_probe_reuses_the_frozen_prefix_and_equals_the_model(cifar_batch):
@@ -231,55 +248,89 @@ def test_egeria_measures_plasticity_against_a_bf16_reference(cifar_batch):
 # -- SmartFRZ ----------------------------------------------------------------------------------------------------
 
 
-def test_predictor_attention_sums_to_one_and_is_order_invariant_except_for_the_latest_record():
+def test_predictor_attends_over_real_steps_only_and_ignores_padding():
     torch.manual_seed(0)
     predictor = FreezePredictor(input_size=16, hidden_size=8, key_size=4, classifier_hidden_size=4).eval()
     records = torch.randn(2, 6, 16)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :2] = False  # a shorter window, padded at the front
-    logits, attention = predictor(records, mask)
+    context = torch.rand(2, 6, 2)
+    logits, attention = predictor(records, mask, context)
     torch.testing.assert_close(attention.sum(-1), torch.ones(2))
-    assert torch.all(attention[1, :2] == 0)
-    padded = records.clone()
-    padded[1, :2] = 100.0  # padding content is ignored
-    torch.testing.assert_close(predictor(padded, mask)[0], logits)
-    shuffled = records[:, [3, 0, 4, 2, 1, 5]]  # earlier records permuted, latest kept last
-    torch.testing.assert_close(predictor(shuffled, None)[0], predictor(records, None)[0], rtol=1e-5, atol=1e-6)
-    swapped = records[:, [0, 1, 2, 3, 5, 4]]  # another record becomes the latest: the query changes
-    assert not torch.allclose(predictor(swapped, None)[0], predictor(records, None)[0])
+    assert torch.all(attention[0, :1] == 0) and torch.all(attention[1, :3] == 0)  # padding and step-less firsts
+    padded, padded_context = records.clone(), context.clone()
+    padded[1, :2], padded_context[1, :2] = 100.0, 5.0  # padding content is ignored
+    torch.testing.assert_close(predictor(padded, mask, padded_context)[0], logits)
+    with pytest.raises(ValueError, match="pass context"):
+        predictor(records, mask)
 
 
-def test_predictor_sizes_follow_the_paper():
+def test_record_features_are_scale_free_and_exact():
+    generator = torch.Generator().manual_seed(0)
+    records = torch.randn(3, 7, 64, generator=generator).cumsum(dim=1)  # random walks
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, :4] = False
+    features, valid = record_features(records, mask)
+    # The same weights at another scale (another initialisation, another model) give the same inputs.
+    torch.testing.assert_close(record_features(1e-3 * records, mask)[0], features, rtol=1e-4, atol=1e-4)
+    assert valid[0].tolist() == [False] + [True] * 6 and valid[2].tolist() == [False] * 5 + [True] * 2
+    step = (records[0, 3] - records[0, 2]).norm()
+    steps = (records[0, 1:] - records[0, :-1]).norm(dim=-1)
+    expected = [
+        torch.log10(step / records[0, 3].norm()),
+        step / steps.max(),
+        torch.log10(step / steps[0]),
+        torch.nn.functional.cosine_similarity(records[0, 3] - records[0, 2], records[0, 2] - records[0, 1], dim=0),
+        (records[0, 3] - records[0, 0]).norm() / steps[:3].sum(),
+        torch.log10(records[0, 3].norm() / records[0, 0].norm()),
+    ]
+    torch.testing.assert_close(features[0, 3], torch.stack(expected), rtol=1e-4, atol=1e-5)
+    assert torch.all(features[2, :5] == 0)  # padding and the first real record have no step
+    lone, lone_valid = record_features(records[:1], torch.tensor([[False] * 6 + [True]]))
+    assert lone_valid[0].tolist() == [False] * 6 + [True] and torch.all(lone == 0)  # one record: nothing moved yet
+
+
+def test_predictor_is_the_papers_attention_on_scale_free_inputs():
     predictor = FreezePredictor()
-    assert [m.in_features for m in predictor.key if hasattr(m, "in_features")] == [1024, 256]
-    assert predictor.key[-1].out_features == 64 and predictor.classifier[-1].out_features == 2
-    assert [m.in_features for m in predictor.classifier if hasattr(m, "in_features")] == [64, 32]
+    assert predictor.key[0].in_features == len(WEIGHT_FEATURES) + len(CONTEXT_FEATURES)
+    assert FreezePredictor(context=False).key[0].in_features == len(WEIGHT_FEATURES)
+    for mlp in (predictor.key, predictor.query, predictor.value, predictor.classifier):
+        assert [type(m).__name__ for m in mlp] == ["Linear", "ReLU", "Linear"]  # the paper's 3-layer MLPs
+    assert predictor.classifier[-1].out_features == 2
 
 
-def test_shipped_predictor_loads_and_decides_deterministically():
+def test_shipped_predictor_carries_its_card_and_decides_deterministically():
     assert DEFAULT_PREDICTOR.exists(), "the package must ship its trained predictor"
     predictor = FreezePredictor.from_file()
-    assert predictor.input_size == 1024 and "trained_on" in predictor.metadata
-    assert not predictor.training
-    records = torch.randn(20, 1024, generator=torch.Generator().manual_seed(0))
-    first = predictor.freeze_probability(records)
-    assert FreezePredictor.from_file().freeze_probability(records) == first
+    assert predictor.input_size == 1024 and not predictor.training
+    card = predictor.metadata
+    assert len(card["corpus"]["version"]) == 12 and len(card["corpus"]["families"]) >= 4
+    assert card["features"][: len(WEIGHT_FEATURES)] == list(WEIGHT_FEATURES)
+    assert set(card["leave_one_family_out_balanced_accuracy"]) == set(card["corpus"]["families"])
+    records = torch.randn(20, 1024, generator=torch.Generator().manual_seed(0)).cumsum(dim=0)
+    fractions = torch.linspace(0.05, 0.6, 20)
+    first = predictor.freeze_probability(records, fractions, 0.5)
+    assert FreezePredictor.from_file().freeze_probability(records, fractions, 0.5) == first
     assert 0.0 <= first <= 1.0
 
 
 def test_predictor_file_round_trip_and_refusal(tmp_path):
     torch.manual_seed(0)
     predictor = FreezePredictor(input_size=32, hidden_size=8, key_size=4, classifier_hidden_size=4)
-    predictor.save(tmp_path / "p.safetensors", trained_on=["a.npz"])
+    predictor.save(tmp_path / "p.safetensors", corpus={"version": "abc"})
     loaded = FreezePredictor.from_file(tmp_path / "p.safetensors")
-    x = torch.randn(3, 5, 32)
-    torch.testing.assert_close(loaded(x)[0], predictor.eval()(x)[0], rtol=0, atol=0)
-    assert loaded.metadata == {"trained_on": ["a.npz"]}
+    x, context = torch.randn(3, 5, 32), torch.rand(3, 5, 2)
+    torch.testing.assert_close(loaded(x, None, context)[0], predictor.eval()(x, None, context)[0], rtol=0, atol=0)
+    assert loaded.metadata == {"corpus": {"version": "abc"}} and loaded.uses_context
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a SmartFRZ predictor"):
         FreezePredictor.from_file(tmp_path / "other.safetensors")
+    old = {"format": "hf_freezecache.smartfrz-predictor/1", "sizes": "{}"}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"), metadata=old)
+    with pytest.raises(ValueError, match="raw weights from an earlier hf_freezecache: refit it"):
+        FreezePredictor.from_file(tmp_path / "old.safetensors")
 
 
 def test_weight_tailor_reads_the_same_weights_every_time():
@@ -326,17 +377,29 @@ def test_smartfrz_records_a_window_and_decides_once_it_has_enough(tmp_path):
     assert all(not keep.blocks_to_freeze(_progress(step), frozenset()) for step in range(1, 12))
 
 
-def test_history_windows_pad_at_the_front_and_label_by_cka(tmp_path):
-    records = np.arange(6 * 2 * 4, dtype=np.float32).reshape(6, 2, 4)  # 6 stages, 2 blocks, 4 weights
-    cka = np.array([[0.1, 0.5], [0.3, 0.5], [0.3, 0.5], [0.3, 0.9], [0.3, 0.2], [0.3, 0.9]])
-    np.savez(tmp_path / "run.npz", records=records, cka=cka, epochs=np.arange(6), metadata="{}")
-    windows = HistoryWindows.from_files([str(tmp_path / "run.npz")], 3, 2, cka_window=2, cka_tolerance=0.01)
-    assert len(windows) == 5 * 2  # stages 1..5, both blocks
-    x, mask, y = windows.batch(np.array([0]))  # stage 1, block 0: two records, one padding slot
-    assert mask[0].tolist() == [False, True, True]
-    torch.testing.assert_close(x[0, 1:], torch.from_numpy(records[0:2, 0]))
-    assert windows.targets.reshape(5, 2)[:, 0].tolist() == [0, 1, 1, 1, 1]
-    assert windows.targets.reshape(5, 2)[:, 1].tolist() == [1, 1, 1, 1, 1]  # 0.5, 0.5 at stages 0-1
+def test_history_windows_are_the_policys_windows_labelled_by_cka():
+    records = np.arange(6 * 2 * 4, dtype=np.float32).reshape(6, 2, 4) ** 1.5  # 6 records, 2 blocks, 4 weights
+    cka = np.array([[0.1, 0.5], [0.3, 0.5], [0.3, 0.5], [0.3, 0.9], [0.3, 0.2], [0.3, 0.88]])
+    fractions = np.linspace(1 / 6, 1, 6)
+    history = RunHistory("s/v", "fam", "data", "scratch", {}, records, cka, np.arange(1, 7) / 4, fractions)
+    recipe = PredictorRecipe(window=3, min_records=2, label_tolerance=0.1)
+    windows = HistoryWindows.from_histories([history], recipe)
+    assert len(windows) == 5 * 2  # records 1..5 of both blocks
+    by = {(int(b), int(t)): k for k, (b, t) in enumerate(zip(windows.blocks, windows.stages, strict=True))}
+    assert [windows.targets[by[(0, t)]] for t in range(1, 6)] == [1, 1, 1, 1, 1]  # settled from record 1 on
+    assert [windows.targets[by[(1, t)]] for t in range(1, 6)] == [0, 0, 0, 0, 1]  # settles only at the end
+    # Example (block 1, record 4) is what the policy feeds the predictor after its 5th record.
+    x, valid = windows.inputs(np.array([by[(1, 4)]]), context=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    features, _ = record_features(torch.from_numpy(records[2:5, 1])[None], mask)
+    context = torch.tensor([[[fractions[2], 1.0], [fractions[3], 1.0], [fractions[4], 1.0]]], dtype=torch.float32)
+    expected = torch.cat([features, context], dim=-1) * valid.unsqueeze(-1)
+    torch.testing.assert_close(x, expected)
+    ablated, _ = windows.inputs(np.array([by[(1, 4)]]), context=True, weights=False)  # the context-only ablation
+    assert torch.all(ablated[..., : len(WEIGHT_FEATURES)] == 0)
+    torch.testing.assert_close(ablated[..., len(WEIGHT_FEATURES) :], expected[..., len(WEIGHT_FEATURES) :])
+    x, valid = windows.inputs(np.array([by[(0, 1)]]), context=False)  # two records, one padding slot
+    assert valid[0].tolist() == [False, False, True] and x.shape[-1] == len(WEIGHT_FEATURES)
 
 
 @pytest.mark.parametrize(
@@ -484,6 +547,25 @@ def test_egeria_resume_takes_a_new_reference_first(data, tmp_path):
         assert history_resumed[int(block)][: len(values)] == values
         # one evaluation after the resume only took the reference: one value fewer than the uninterrupted run
         assert len(history_resumed[int(block)]) == len(history_full[int(block)]) - 1
+
+
+def test_cka_reference_saved_from_a_wrapped_timm_model_matches_the_viewed_module():
+    # A run saves the whole model (`model.conv1.weight` inside timm's classifier wrapper); the adapter views the timm
+    # network itself. The reference must load anyway, and a model compared with its own weights has CKA 1 everywhere.
+    from hf_freezecache import FreezeCacheModel
+    from hf_freezecache.models import build_model
+
+    torch.manual_seed(0)
+    model = FreezeCacheModel(build_model("timm:resnet10t", 10)).eval()
+    saved = model.state_dict()
+    assert not set(model.adapter.model.state_dict()) <= set(saved)  # the keys really differ
+    images = torch.randn(8, 3, 32, 32)
+    reference = ReferenceRepresentations(model.adapter, saved, images)
+    outputs = BlockProbe(model.adapter, images).run()
+    scores = reference.cka({index: output for index, (_, output) in outputs.items()})
+    assert scores == pytest.approx(dict.fromkeys(range(model.adapter.num_blocks), 1.0), abs=1e-6)
+    with pytest.raises(ValueError, match="does not match the model being trained"):
+        ReferenceRepresentations(model.adapter, {"model.other.weight": torch.zeros(1)}, images)
 
 
 def test_representation_policies_work_on_a_vision_transformer(tmp_path):

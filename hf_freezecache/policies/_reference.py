@@ -47,7 +47,7 @@ class ReferenceRepresentations:
 
     def __init__(self, adapter: BlockAdapter, state_dict: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> None:
         reference = copy.deepcopy(adapter.model)
-        missing, unexpected = reference.load_state_dict(state_dict, strict=False)
+        missing, unexpected = reference.load_state_dict(_viewed_weights(reference, state_dict), strict=False)
         if missing or unexpected:
             raise ValueError(
                 "The CKA reference does not match the model being trained: "
@@ -62,3 +62,17 @@ class ReferenceRepresentations:
     def cka(self, outputs: dict[int, torch.Tensor]) -> dict[int, float]:
         """CKA of each given block output (on the probe images) with the reference's output of the same block."""
         return {index: cka_from_grams(centered_gram(output), self.grams[index]) for index, output in outputs.items()}
+
+
+def _viewed_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of `state_dict` that belongs to `model`, which the adapter may view inside a wrapper: a saved run
+    holds the whole model's weights (`model.conv1.weight` for a timm network inside its classifier wrapper), the
+    adapter's module only `conv1.weight`. Returns `state_dict` itself when its keys are already the module's."""
+    wanted = list(model.state_dict())
+    if not wanted or set(wanted) <= set(state_dict):
+        return state_dict
+    prefixes = {key[: -len(wanted[0])] for key in state_dict if key.endswith("." + wanted[0])}
+    for prefix in sorted(prefixes, key=len):
+        if all(prefix + key in state_dict for key in wanted):
+            return {key: state_dict[prefix + key] for key in wanted}
+    return state_dict

@@ -58,8 +58,8 @@ class CKAFreezing(FreezePolicy):
     `--cka_evaluations_per_epoch` times per epoch, every unfrozen block's output on the probe batch is compared, by
     linear CKA, with the reference model's output of that block on the same images. A block freezes when its last
     `--cka_window` CKA values lie within `--cka_tolerance` of each other (max - min). Blocks may freeze in any order,
-    as in SmartFRZ; only the longest frozen prefix is discarded. The same rule labels the SmartFRZ predictor's
-    training data (`smartfrz.training.label_freeze_points`).
+    as in SmartFRZ; only the longest frozen prefix is discarded. The SmartFRZ predictor's training data are
+    labelled offline instead, once a block's CKA stays settled to the end (`smartfrz.recording.label_freeze_points`).
     """
 
     name = "cka"

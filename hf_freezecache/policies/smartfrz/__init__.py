@@ -1,4 +1,4 @@
-"""SmartFRZ: the policy, its attention predictor, layer tailoring, and the predictor's training pipeline."""
+"""SmartFRZ: the policy, its attention predictor, layer tailoring, and the predictor's corpus and fitting."""
 
 from .policy import SmartFRZ, SmartFRZConfig
 from .predictor import DEFAULT_PREDICTOR, FreezePredictor

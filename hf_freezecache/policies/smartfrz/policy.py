@@ -54,8 +54,9 @@ class SmartFRZ(FreezePolicy):
 
     `--smartfrz_records_per_epoch` times per epoch (one "freezing stage"), the tailored weights of every unfrozen block
     are recorded (`WeightTailor`: a fixed random selection of 1024 weights, the predictor's input). Once a block has
-    `--smartfrz_min_records` records, the predictor reads its last `--smartfrz_window` records and the block freezes
-    when P(freeze) > `--smartfrz_threshold` (0.5: the paper's argmax). Blocks may freeze in any order; only the
+    `--smartfrz_min_records` records, the predictor reads its last `--smartfrz_window` records (with the fraction of
+    training done at each, and the block's relative depth, when it was fitted with them) and the block freezes when
+    P(freeze) > `--smartfrz_threshold` (0.5: the paper's argmax). Blocks may freeze in any order; only the
     longest frozen prefix is discarded. A frozen block's history is dropped. The predictor is the one shipped with
     hf_freezecache unless `--smartfrz_predictor` names another file written by `FreezePredictor.save`.
     """
@@ -69,7 +70,9 @@ class SmartFRZ(FreezePolicy):
         self.predictor = FreezePredictor.from_file(cfg.predictor)
         self.tailor = WeightTailor(adapter, self.predictor.input_size, seed=cfg.seed)
         self.clock = EvaluationClock(cfg.records_per_epoch)
+        # Per unfrozen block: its tailored weights and the fraction of training done at each record of the window.
         self.history: dict[int, list[torch.Tensor]] = {}
+        self.fractions: dict[int, list[float]] = {}
 
     def blocks_to_freeze(self, progress: TrainingProgress, frozen: frozenset[int]) -> set[int]:
         if not self.clock.due(progress):
@@ -77,16 +80,22 @@ class SmartFRZ(FreezePolicy):
         cfg = self.config
         decided = set()
         self.evidence = {}
+        depth_scale = max(1, self.adapter.num_blocks - 1)
         for index in range(self.adapter.num_blocks):
             if index in frozen:
                 self.history.pop(index, None)
+                self.fractions.pop(index, None)
                 continue
             records = self.history.setdefault(index, [])
+            fractions = self.fractions.setdefault(index, [])
             records.append(self.tailor.record(index))
-            del records[: -cfg.window]
+            fractions.append(progress.fraction)
+            del records[: -cfg.window], fractions[: -cfg.window]
             if len(records) < cfg.min_records:
                 continue
-            probability = self.predictor.freeze_probability(torch.stack(records))
+            probability = self.predictor.freeze_probability(
+                torch.stack(records), torch.tensor(fractions), index / depth_scale
+            )
             self.evidence[index] = {"freeze_probability": probability, "records": float(len(records))}
             if probability > cfg.threshold:
                 decided.add(index)
@@ -96,6 +105,7 @@ class SmartFRZ(FreezePolicy):
         return {
             "clock": self.clock.last,
             "history": {str(k): encode_array(torch.stack(v).numpy()) for k, v in self.history.items() if v},
+            "fractions": {str(k): v for k, v in self.fractions.items() if v},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,6 +113,12 @@ class SmartFRZ(FreezePolicy):
         self.history = {
             int(k): list(torch.from_numpy(np.asarray(decode_array(v)))) for k, v in state["history"].items()
         }
+        # Checkpoints of an earlier hf_freezecache have no fractions: training fraction is unknown, so the
+        # history restarts rather than feeding the predictor made-up inputs.
+        fractions = state.get("fractions")
+        if fractions is None:
+            self.history = {}
+        self.fractions = {int(k): list(v) for k, v in (fractions or {}).items()}
 
     def describe(self) -> str:
         cfg = self.config
