@@ -205,7 +205,7 @@ def summarize_decisions(decisions: list[dict]) -> dict:
         "frozen": sum(p is not None for p in predicted),
         "labelled_frozen": sum(d["label_epoch"] is not None for d in decisions),
         "distinct_freeze_epochs": len({p for p in predicted if p is not None}),
-        "runs_with_distinct_decisions": len({d["run"] for d in decisions if d["predicted_epoch"] is not None}),
+        "runs_with_a_freeze": len({d["run"] for d in decisions if d["predicted_epoch"] is not None}),
         "mean_abs_epoch_error": float(np.mean([abs(p - t) for p, t in both])) if both else None,
         "frozen_early_fraction": float(np.mean(early)) if early else None,
     }
