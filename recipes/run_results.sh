@@ -4,13 +4,15 @@
 # 12 blocks) from scratch on a 3k CIFAR-10 subset; scratch32 / finetune32 are smaller ResNet-32 setups (the first
 # SmartFRZ predictor's training runs; today's is fitted on the corpus of recipes/build_smartfrz_corpus.py).
 #   bash recipes/run_results.sh scratch|finetune|vit|scratch32|finetune32 OUT_DIR [RUN ...]
-# RUN is one of none, freezeout, freezeout-multiply (the per-block cosine on top of the global schedule), fixed, fixed-discard (the fixed schedule with the frozen prefix discarded and its
-# activations cached with the default codec), fixed-channel-G (fixed-discard plus similarity-aware channel
-# augmentation with gamma G, e.g. fixed-channel-0.1; CNNs), fixed-token-A / fixed-token-min-A (fixed-discard plus
-# token replacement with alpha A, matching by highest / lowest cosine similarity; ViTs), autofreeze, smartfrz,
-# egeria, cka (reference: the setup's `none` run, which must exist), smartfrz-discard / cka-discard (the same,
-# discarding the longest frozen prefix), record-S (no freezing, seed S: records the tailored weight history and
-# CKA to the `none` run into OUT_DIR/<setup>-record-S.npz for the predictor); default: none freezeout fixed.
+# RUN is one of none, freezeout, freezeout-multiply (the per-block cosine on top of the global schedule), fixed,
+# fixed-discard (the fixed schedule with the frozen prefix discarded and its activations cached with the default
+# codec), fixed-channel-G (fixed-discard plus similarity-aware channel augmentation with gamma G, e.g.
+# fixed-channel-0.1; CNNs), fixed-token-A / fixed-token-min-A (fixed-discard plus token replacement with alpha A,
+# matching by highest / lowest cosine similarity; ViTs), autofreeze, smartfrz, egeria, cka (reference: the setup's
+# `none` run, which must exist), smartfrz-discard / cka-discard (the same, discarding the longest frozen prefix),
+# smartfrz-threshold-T (smartfrz freezing at P(freeze) > T), record-S (no freezing, seed S: records the tailored weight
+# history and CKA to the `none` run into OUT_DIR/<setup>-record-S.npz for the predictor); default: none freezeout
+# fixed.
 # SEED (default 0) sets --seed.
 # Each run uses one thread (pin it to a core with taskset for stable wall times).
 set -euo pipefail
@@ -33,8 +35,10 @@ for run in "${runs[@]}"; do
     none|freezeout|autofreeze|smartfrz|egeria) extra=(--freeze_policy "$run") ;;
     freezeout-multiply) extra=(--freeze_policy freezeout --freezeout_anneal_mode multiply) ;;
     smartfrz-discard) extra=(--freeze_policy smartfrz --discard true --cache_decode_threads 1) ;;
+    smartfrz-threshold-*) extra=(--freeze_policy smartfrz --smartfrz_threshold "${run#smartfrz-threshold-}") ;;
     cka) extra=(--freeze_policy cka --cka_reference "$out/$which-none") ;;
-    cka-discard) extra=(--freeze_policy cka --cka_reference "$out/$which-none" --discard true --cache_decode_threads 1) ;;
+    cka-discard) extra=(--freeze_policy cka --cka_reference "$out/$which-none" --discard true
+                        --cache_decode_threads 1) ;;
     record-*) script=(recipes/train_smartfrz_predictor.py record --reference "$out/$which-none"
                       --history "$out/$which-$run.npz" --)
               extra=(--seed "${run#record-}") ;;
@@ -46,8 +50,8 @@ for run in "${runs[@]}"; do
                               --token_aug_alpha "${run#fixed-token-min-}" --token_aug_matching min) ;;
     fixed-token-*) extra=(--freeze_policy fixed --freeze_schedule "$fixed" --discard true --cache_decode_threads 1
                           --token_aug_alpha "${run#fixed-token-}") ;;
-    *) echo "unknown run $run (none, freezeout[-multiply], fixed, fixed-discard, fixed-channel-G, fixed-token[-min]-A," \
-            "autofreeze, smartfrz[-discard], egeria, cka[-discard], record-S)" >&2
+    *) echo "unknown run $run (none, freezeout[-multiply], fixed, fixed-discard, fixed-channel-G," \
+            "fixed-token[-min]-A, autofreeze, smartfrz[-discard], smartfrz-threshold-T, egeria, cka[-discard], record-S)" >&2
        exit 2 ;;
   esac
   rm -rf "$out/$which-$run"
