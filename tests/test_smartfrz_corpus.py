@@ -84,10 +84,11 @@ def test_corpus_round_trips_exactly_and_loads_as_a_hub_dataset(tmp_path):
     assert manifest["runs"] == 3 and manifest["rows"] == 3 + 2 + 3 and manifest["families"] == {"fa": 2, "fb": 1}
     table = datasets.load_dataset(folder, split="train")  # the card's config: the Hub layout
     assert table.num_rows == 8, "datasets loaded another corpus cached under the same folder name"
-    assert table.num_rows == 8 and table[3]["run"] == "a/2" and table[3]["block"] == 0
+    assert table[3]["run"] == "a/2" and table[3]["block"] == 0
     assert table[3]["label"] == label_freeze_points(histories[1].cka, 0.2)[:, 0].tolist()
     card = (tmp_path / "corpus" / "README.md").read_text()
     assert "within\n0.2 of the whole range" in card and manifest["version"] in card
+    assert "4 times per epoch" in card and "(16 weights drawn once" in card  # read from the records
     with pytest.raises(ValueError, match="run names must be unique"):
         write_corpus(histories + histories[:1], str(tmp_path / "other"), 0.2)
 

@@ -5,6 +5,9 @@ schedule, seed), the block's CKA to the reference and its label at every record,
 binary column (float32, `(records, record_size)`, little-endian). `corpus.json` is the manifest: format, label rule,
 counts and the sha256 of every parquet file, checked on load. `README.md` is the card (`datasets.load_dataset(folder)`
 reads it). Labels are stored for reading; fitting relabels from the stored CKA with the rule it is given.
+
+Over 300 lines on purpose: the writer, the reader and the card share one column schema (`_COLUMNS`), kept in one
+place so that they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -259,6 +262,10 @@ def _features():
 
 def _card(histories: list[RunHistory], manifest: dict, command: str) -> str:
     rule = manifest["label_rule"]
+    # Read from the records, not assumed: runs added with other `record` flags must not get a card that says
+    # otherwise.
+    rates = sorted({round(1 / float(np.median(np.diff(h.epochs)))) for h in histories if len(h.epochs) > 1})
+    sizes = sorted({h.records.shape[-1] for h in histories})
     setups: dict[str, list[RunHistory]] = {}
     for history in histories:
         setups.setdefault(history.run.split("/")[0], []).append(history)
@@ -296,9 +303,10 @@ datasets {manifest["datasets"]}, regimes {manifest["regimes"]}.
 
 **How it was recorded.** Each setup (a model on a dataset, from scratch or fine-tuned) is trained once as the
 reference (seed 0). Each recorded run trains the same network on the same data again with other seeds, learning
-rates, optimizers, schedules or batch sizes, and 4 times per epoch records every block's tailored weights (1024
-weights drawn once, `WeightTailor`, seed 0) and the linear CKA of the block's output to the reference's on a fixed
-probe batch of 256 training images (SmartFRZ section 3.3).
+rates, optimizers, schedules or batch sizes, and {" or ".join(map(str, rates))} times per epoch records every block's
+tailored weights ({" or ".join(map(str, sizes))} weights drawn once, `WeightTailor`) and the linear CKA of the block's
+output to the reference's on a fixed probe batch of training images (`train_smartfrz_predictor.py record
+--probe_size`, 256 by default; SmartFRZ section 3.3).
 
 **Labels.** `label[t] = 1` from the first record after which the block's CKA stays, to the end of the run, within
 {rule["relative_tolerance"]} of the whole range it moved over the run; 0 before (`label_freeze_points`: the block's
